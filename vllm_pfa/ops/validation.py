@@ -1,0 +1,323 @@
+"""Argument checking for npu_prompt_flash_attention.
+
+Every constraint of the operator's documentation (A2/A3 products) is checked here, before any compute, and answered
+with an error naming the parameter, the value and the rule. `validate` returns the normalized problem that the
+implementations (reference, fast path) and the fake (meta) implementation share.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vllm_pfa.ops.layout import LAYOUTS, dims, output_shape
+
+MAX_HEADS = 256
+MAX_HEAD_DIM = 512
+MAX_HIDDEN_BSH_BSND = 65535  # N*D must be smaller than this for BSH/BSND
+MAX_GQA_RATIO = 64
+MAX_BATCH = 65536
+MAX_BATCH_UNALIGNED_D = 128  # batch limit when D is not 32-byte aligned
+MAX_SEQ = 20971520
+COMPRESSED_MASK_SIZE = 2048
+SPARSE_MODES = (0, 1, 2, 3, 4)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float32: a CPU convenience, not on the NPU
+INPUT_DTYPES = FLOAT_DTYPES + (torch.int8,)
+MASK_DTYPES = (torch.bool, torch.int8, torch.uint8)
+DEQ_SCALE_DTYPES = (torch.uint64, torch.float32)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def fail(param: str, value: object, rule: str, error: type[Exception] = ValueError) -> Exception:
+    return error(f"npu_prompt_flash_attention: {param} = {value} is invalid: {rule}")
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    return f"Tensor(shape={list(tensor.shape)}, dtype={tensor.dtype})"
+
+
+@dataclass(frozen=True)
+class PFAProblem:
+    """The normalized problem: sizes, per-batch actual lengths and output type."""
+
+    layout: str
+    batch: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_seq: int
+    kv_seq: int
+    actual_q: tuple[int, ...]
+    actual_kv: tuple[int, ...]
+    sparse_mode: int
+    pre_tokens: int
+    next_tokens: int
+    scale_value: float
+    out_shape: tuple[int, ...]
+    out_dtype: torch.dtype
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def _check_tensor(name: str, tensor: object, allowed_dtypes: Sequence[torch.dtype], optional: bool) -> None:
+    if tensor is None:
+        if optional:
+            return
+        raise fail(name, None, "a Tensor is required", TypeError)
+    if not isinstance(tensor, torch.Tensor):
+        raise fail(name, type(tensor).__name__, "must be a torch.Tensor", TypeError)
+    if tensor.dtype not in allowed_dtypes:
+        raise fail(f"{name}.dtype", tensor.dtype, f"must be one of {[str(d) for d in allowed_dtypes]}", TypeError)
+    if not tensor.is_contiguous():
+        raise fail(name, _describe(tensor), "non-contiguous tensors are not supported")
+
+
+def _check_int(name: str, value: object, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise fail(name, repr(value), "must be an int", TypeError)
+    if not low <= value <= high:
+        raise fail(name, value, f"must be in [{low}, {high}]")
+    return value
+
+
+def _actual_lengths(name: str, lengths: object, batch: int, seq: int, seq_name: str) -> tuple[int, ...]:
+    """Per-batch lengths: None means S; one value broadcasts; >= B values use the first B."""
+    if lengths is None:
+        return (seq,) * batch
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dim() > 1 or lengths.is_floating_point() or lengths.is_complex():
+            raise fail(name, _describe(lengths), "must be a 1-D integer tensor or a list of ints", TypeError)
+        lengths = lengths.tolist()
+    if not isinstance(lengths, (list, tuple)):
+        raise fail(name, repr(lengths), "must be a list of ints, a 1-D integer tensor or None", TypeError)
+    if len(lengths) != 1 and len(lengths) < batch:
+        raise fail(f"len({name})", len(lengths), f"must be 1 or >= B = {batch}")
+    values = [_check_int(f"{name}[{i}]", v) for i, v in enumerate(lengths)]
+    for i, value in enumerate(values[:batch]):
+        if not 0 <= value <= seq:
+            raise fail(f"{name}[{i}]", value, f"must be in [0, {seq_name} = {seq}]")
+    return tuple(values * batch) if len(values) == 1 else tuple(values[:batch])
+
+
+def _check_qkv(query, key, value, layout: str, num_heads: int, num_key_value_heads: int):
+    _check_tensor("query", query, INPUT_DTYPES, optional=False)
+    _check_tensor("key", key, INPUT_DTYPES, optional=False)
+    _check_tensor("value", value, INPUT_DTYPES, optional=False)
+    for name, tensor in (("key", key), ("value", value)):
+        if tensor.dtype != query.dtype:
+            raise fail(f"{name}.dtype", tensor.dtype, f"must equal query.dtype = {query.dtype}", TypeError)
+        if tensor.device != query.device:
+            raise fail(f"{name}.device", tensor.device, f"must equal query.device = {query.device}")
+    ndim = 3 if layout == "BSH" else 4
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if tensor.dim() != ndim:
+            raise fail(f"{name}.shape", list(tensor.shape), f"input_layout {layout} needs a {ndim}-D tensor")
+    if key.shape != value.shape:
+        raise fail("value.shape", list(value.shape), f"must equal key.shape = {list(key.shape)}")
+    if layout == "BSH" and query.shape[2] % num_heads:
+        raise fail("query.shape", list(query.shape), f"H = {query.shape[2]} must be divisible by num_heads = {num_heads}")
+    batch, n, q_seq, head_dim = dims(query.shape, layout, num_heads)
+    if layout != "BSH" and n != num_heads:
+        raise fail("num_heads", num_heads, f"must equal query's N axis = {n} for input_layout {layout}")
+    kv_heads = num_key_value_heads or num_heads
+    if layout == "BSH":
+        if key.shape[2] != kv_heads * head_dim:
+            raise fail(
+                "key.shape", list(key.shape),
+                f"H of key must be num_key_value_heads * D = {kv_heads} * {head_dim} = {kv_heads * head_dim}",
+            )
+        kv_batch, _, kv_seq, _ = dims(key.shape, layout, kv_heads)
+    else:
+        kv_batch, kv_n, kv_seq, kv_dim = dims(key.shape, layout, kv_heads)
+        if kv_n != kv_heads:
+            raise fail(
+                "num_key_value_heads", num_key_value_heads,
+                f"key/value N axis is {kv_n} but num_key_value_heads means {kv_heads} (0 means num_heads)",
+            )
+        if kv_dim != head_dim:
+            raise fail("key.shape", list(key.shape), f"D of key must equal D of query = {head_dim}")
+    if kv_batch != batch:
+        raise fail("key.shape", list(key.shape), f"B of key must equal B of query = {batch}")
+    return batch, kv_heads, q_seq, kv_seq, head_dim
+
+
+def _check_sizes(query, layout, batch, num_heads, kv_heads, q_seq, kv_seq, head_dim) -> None:
+    if num_heads % kv_heads:
+        raise fail(
+            "num_key_value_heads", kv_heads,
+            f"numHeads({num_heads}) must be divisible by numKeyValueHeads({kv_heads})",
+        )
+    if num_heads // kv_heads > MAX_GQA_RATIO:
+        raise fail(
+            "num_key_value_heads", kv_heads,
+            f"numHeads / numKeyValueHeads = {num_heads // kv_heads}, cannot be larger than {MAX_GQA_RATIO}",
+        )
+    if head_dim > MAX_HEAD_DIM:
+        raise fail("D", head_dim, f"d should <= {MAX_HEAD_DIM}")
+    if layout in ("BSH", "BSND") and num_heads * head_dim >= MAX_HIDDEN_BSH_BSND:
+        raise fail("N*D", num_heads * head_dim, f"must be < {MAX_HIDDEN_BSH_BSND} for input_layout {layout}")
+    if batch > MAX_BATCH:
+        raise fail("B", batch, f"must be <= {MAX_BATCH}")
+    if (head_dim * query.element_size()) % 32 and batch > MAX_BATCH_UNALIGNED_D:
+        raise fail("B", batch, f"must be <= {MAX_BATCH_UNALIGNED_D} when D ({head_dim}) is not 32-byte aligned")
+    for name, seq in (("query S", q_seq), ("key/value S", kv_seq)):
+        if seq > MAX_SEQ:
+            raise fail(name, seq, f"must be <= {MAX_SEQ}")
+
+
+def _check_mask(atten_mask, sparse_mode: int, batch: int, q_seq: int, kv_seq: int) -> None:
+    _check_tensor("atten_mask", atten_mask, MASK_DTYPES, optional=True)
+    shape = None if atten_mask is None else list(atten_mask.shape)
+    if sparse_mode in (2, 3, 4):
+        size = COMPRESSED_MASK_SIZE
+        if shape not in ([size, size], [1, size, size], [1, 1, size, size]):
+            raise fail(
+                "atten_mask", shape,
+                f"attenMask shape must be ({size}, {size}) or (1, {size}, {size}) or (1, 1, {size}, {size}) "
+                f"when sparse mode = {sparse_mode}",
+            )
+        return
+    if atten_mask is None:
+        if sparse_mode == 1:
+            raise fail("atten_mask", None, "sparse_mode = 1 (allMask) needs atten_mask")
+        return
+    rule = (
+        f"must be (>={q_seq}, >={kv_seq}), (1 or B={batch}, >={q_seq}, >={kv_seq}) "
+        f"or (1 or B={batch}, 1, >={q_seq}, >={kv_seq})"
+    )
+    ok = atten_mask.dim() in (2, 3, 4) and shape[-2] >= q_seq and shape[-1] >= kv_seq
+    ok = ok and (atten_mask.dim() == 2 or shape[0] in (1, batch))
+    ok = ok and (atten_mask.dim() != 4 or shape[1] == 1)
+    if not ok:
+        raise fail("atten_mask.shape", shape, rule)
+
+
+def _check_pse(pse_shift, query_dtype, batch, num_heads, q_seq, kv_seq) -> None:
+    if pse_shift is None:
+        return
+    allowed = {
+        torch.float16: (torch.float16,),
+        torch.int8: (torch.float16,),
+        torch.bfloat16: (torch.bfloat16,),
+        torch.float32: (torch.float32,),
+    }[query_dtype]
+    _check_tensor("pse_shift", pse_shift, allowed, optional=False)
+    shape = list(pse_shift.shape)
+    if not (
+        pse_shift.dim() == 4 and shape[0] in (1, batch) and shape[1] == num_heads
+        and shape[2] >= q_seq and shape[3] >= kv_seq
+    ):
+        raise fail(
+            "pse_shift.shape", shape,
+            f"pse shift shape must be [1 or B={batch}, N={num_heads}, >=Sq={q_seq}, >=Skv={kv_seq}]",
+        )
+
+
+def _check_quant(query, layout, num_heads, head_dim, deq_scale1, quant_scale1, deq_scale2, quant_scale2,
+                 quant_offset2) -> torch.dtype:
+    """Checks the int8 parameter combinations; returns the output dtype."""
+    _check_tensor("deq_scale1", deq_scale1, DEQ_SCALE_DTYPES, optional=True)
+    _check_tensor("quant_scale1", quant_scale1, (torch.float32,), optional=True)
+    _check_tensor("deq_scale2", deq_scale2, DEQ_SCALE_DTYPES, optional=True)
+    out_scale_dtypes = (torch.float32, torch.bfloat16) if query.dtype == torch.bfloat16 else (torch.float32,)
+    _check_tensor("quant_scale2", quant_scale2, out_scale_dtypes, optional=True)
+    _check_tensor("quant_offset2", quant_offset2, out_scale_dtypes, optional=True)
+    for name, scale in (("deq_scale1", deq_scale1), ("quant_scale1", quant_scale1), ("deq_scale2", deq_scale2)):
+        if scale is not None and scale.numel() != 1:
+            raise fail(f"{name}.shape", list(scale.shape), "only per-tensor (one element) is supported")
+    input_scales = {"deq_scale1": deq_scale1, "quant_scale1": quant_scale1, "deq_scale2": deq_scale2}
+    if query.dtype == torch.int8:
+        for name, scale in input_scales.items():
+            if scale is None:
+                raise fail(name, None, "an int8 query needs deq_scale1, quant_scale1 and deq_scale2")
+        if quant_scale2 is None and quant_offset2 is not None:
+            raise fail("quant_offset2", _describe(quant_offset2),
+                       "int8 input with float16 output: quant_offset2 needs quant_scale2")
+    else:
+        for name, scale in input_scales.items():
+            if scale is not None:
+                raise fail(name, _describe(scale), f"must be None for a {query.dtype} query")
+        if quant_scale2 is None and quant_offset2 is not None:
+            raise fail("quant_offset2", _describe(quant_offset2), "given without quant_scale2")
+    if quant_scale2 is None:
+        return torch.float16 if query.dtype == torch.int8 else query.dtype
+    if quant_offset2 is not None and (
+        quant_offset2.dtype != quant_scale2.dtype or quant_offset2.shape != quant_scale2.shape
+    ):
+        raise fail("quant_offset2", _describe(quant_offset2),
+                   f"must have quant_scale2's dtype and shape ({_describe(quant_scale2)})")
+    channels = num_heads * head_dim
+    if quant_scale2.numel() not in (1, channels):
+        raise fail(
+            "quant_scale2.shape", list(quant_scale2.shape),
+            f"per-tensor needs 1 element, per-channel {'H' if layout == 'BSH' else 'N*D'} = {channels} elements",
+        )
+    if quant_scale2.numel() == channels and channels != 1 and (head_dim * query.element_size()) % 32:
+        raise fail("quant_scale2.shape", list(quant_scale2.shape),
+                   f"per-channel output quantization needs D ({head_dim}) 32-byte aligned")
+    return torch.int8
+
+
+def _check_int8_output_rows(problem: PFAProblem, has_mask: bool, has_offset: bool) -> None:
+    """With int8 output, modes/lengths that leave rows uncomputed are rejected (the operator intercepts them)."""
+    mode, pre, nxt = problem.sparse_mode, problem.pre_tokens, problem.next_tokens
+    if mode == 4 and (pre < 0 or nxt < 0):
+        raise fail("pre_tokens/next_tokens", (pre, nxt), "int8 output does not support band mode with negative values")
+    if not has_offset:
+        return
+    for b, (aq, akv) in enumerate(zip(problem.actual_q, problem.actual_kv)):
+        broken = (
+            (mode == 0 and has_mask and (aq - akv - pre > 0 or nxt < 0))
+            or (mode == 3 and akv - aq < 0)
+            or (mode == 4 and nxt + akv - aq < 0)
+        )
+        if broken:
+            raise fail(
+                f"batch {b} (actual_seq_lengths={aq}, actual_seq_lengths_kv={akv})", (pre, nxt),
+                f"with int8 output and quant_offset2, sparse_mode = {mode} would leave rows uncomputed",
+            )
+
+
+def validate(
+    query, key, value, *, pse_shift, atten_mask, actual_seq_lengths, deq_scale1, quant_scale1, deq_scale2,
+    quant_scale2, quant_offset2, num_heads, scale_value, pre_tokens, next_tokens, input_layout,
+    num_key_value_heads, actual_seq_lengths_kv, sparse_mode,
+) -> PFAProblem:
+    if not isinstance(input_layout, str):
+        raise fail("input_layout", repr(input_layout), "must be a str", TypeError)
+    if input_layout not in LAYOUTS:
+        raise fail("input_layout", repr(input_layout), f"must be one of {list(LAYOUTS)}")
+    _check_int("num_heads", num_heads, 1, MAX_HEADS)
+    _check_int("num_key_value_heads", num_key_value_heads, 0, MAX_HEADS)
+    _check_int("pre_tokens", pre_tokens)
+    _check_int("next_tokens", next_tokens)
+    if isinstance(sparse_mode, bool) or not isinstance(sparse_mode, int):
+        raise fail("sparse_mode", repr(sparse_mode), "must be an int", TypeError)
+    if sparse_mode not in SPARSE_MODES:
+        raise fail("sparse_mode", sparse_mode, f"sparse_mode = {sparse_mode} is out of range (supported: 0..4)")
+    if isinstance(scale_value, bool) or not isinstance(scale_value, (int, float)):
+        raise fail("scale_value", repr(scale_value), "must be a float", TypeError)
+    batch, kv_heads, q_seq, kv_seq, head_dim = _check_qkv(
+        query, key, value, input_layout, num_heads, num_key_value_heads
+    )
+    _check_sizes(query, input_layout, batch, num_heads, kv_heads, q_seq, kv_seq, head_dim)
+    _check_mask(atten_mask, sparse_mode, batch, q_seq, kv_seq)
+    _check_pse(pse_shift, query.dtype, batch, num_heads, q_seq, kv_seq)
+    out_dtype = _check_quant(
+        query, input_layout, num_heads, head_dim, deq_scale1, quant_scale1, deq_scale2, quant_scale2, quant_offset2
+    )
+    if query.dtype == torch.int8 and (query.numel() == 0 or key.numel() == 0):
+        raise fail("query/key", (list(query.shape), list(key.shape)), "int8 inputs must not be empty")
+    problem = PFAProblem(
+        layout=input_layout, batch=batch, num_heads=num_heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        q_seq=q_seq, kv_seq=kv_seq,
+        actual_q=_actual_lengths("actual_seq_lengths", actual_seq_lengths, batch, q_seq, "query S"),
+        actual_kv=_actual_lengths("actual_seq_lengths_kv", actual_seq_lengths_kv, batch, kv_seq, "key/value S"),
+        sparse_mode=sparse_mode, pre_tokens=pre_tokens, next_tokens=next_tokens, scale_value=float(scale_value),
+        out_shape=output_shape(query.shape, input_layout), out_dtype=out_dtype,
+    )
+    if out_dtype == torch.int8:
+        _check_int8_output_rows(problem, atten_mask is not None, quant_offset2 is not None)
+    return problem
