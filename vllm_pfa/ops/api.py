@@ -68,6 +68,8 @@ def npu_prompt_flash_attention(
     if isinstance(query, torch.Tensor) and _runs_on_npu(query):
         torch_npu = importlib.import_module("torch_npu")
         return torch_npu.npu_prompt_flash_attention(query, key, value, **kwargs)
+    # Checked here too: the dispatcher would reject ill-typed arguments with its own, less precise message.
+    _validate(query, key, value, kwargs)
     return torch.ops.vllm_pfa.npu_prompt_flash_attention(query, key, value, **kwargs)
 
 
@@ -124,3 +126,22 @@ def _prompt_flash_attention_fake(query, key, value, pse_shift=None, padding_mask
     del kwargs["query"], kwargs["key"], kwargs["value"]
     problem = _validate(query, key, value, kwargs)
     return query.new_empty(problem.out_shape, dtype=problem.out_dtype)
+
+
+def reference_npu_prompt_flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                         **kwargs) -> torch.Tensor:
+    """The exact reference behind the same signature (validation included): the test oracle, on CPU tensors."""
+    full = dict(pse_shift=None, padding_mask=None, atten_mask=None, actual_seq_lengths=None, deq_scale1=None,
+                quant_scale1=None, deq_scale2=None, quant_scale2=None, quant_offset2=None, num_heads=1,
+                scale_value=1.0, pre_tokens=DEFAULT_PRE_TOKENS, next_tokens=0, input_layout="BSH",
+                num_key_value_heads=0, actual_seq_lengths_kv=None, sparse_mode=0)
+    unknown = set(kwargs) - set(full)
+    if unknown:
+        raise TypeError(f"npu_prompt_flash_attention: unexpected keyword arguments {sorted(unknown)}")
+    full.update(kwargs)
+    full["actual_seq_lengths"] = _as_int_list(full["actual_seq_lengths"])
+    full["actual_seq_lengths_kv"] = _as_int_list(full["actual_seq_lengths_kv"])
+    problem = _validate(query, key, value, full)
+    quant = {name: full[name] for name in ("deq_scale1", "quant_scale1", "deq_scale2", "quant_scale2", "quant_offset2")}
+    return reference_prompt_flash_attention(query, key, value, problem, pse_shift=full["pse_shift"],
+                                            atten_mask=full["atten_mask"], **quant)

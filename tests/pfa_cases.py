@@ -1,0 +1,65 @@
+"""Shared generators of PFA problems for the operator tests (hypothesis strategies and tensor builders)."""
+
+import math
+
+import torch
+from hypothesis import strategies as st
+
+from vllm_pfa.ops import compressed_causal_mask
+
+LAYOUTS = ("BSH", "BSND", "BNSD", "BNSD_BSND")
+
+
+def make_qkv(layout, batch, heads, kv_heads, q_seq, kv_seq, dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(n, s):
+        shape = {"BSH": (batch, s, n * dim), "BSND": (batch, s, n, dim)}.get(layout, (batch, n, s, dim))
+        if dtype == torch.int8:
+            return torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8)
+        return torch.randn(shape, generator=gen).to(dtype)
+
+    return rand(heads, q_seq), rand(kv_heads, kv_seq), rand(kv_heads, kv_seq)
+
+
+@st.composite
+def problems(draw, dtypes=(torch.float32,), head_dims=(8, 16), max_seq=24):
+    """Keyword arguments of one random PFA call, plus the tensors."""
+    dtype = draw(st.sampled_from(dtypes))
+    layout = draw(st.sampled_from(LAYOUTS))
+    batch = draw(st.integers(1, 3))
+    kv_heads = draw(st.sampled_from((1, 2)))
+    heads = kv_heads * draw(st.sampled_from((1, 2, 4)))
+    dim = draw(st.sampled_from(head_dims))
+    q_seq = draw(st.integers(1, max_seq))
+    kv_seq = draw(st.integers(1, max_seq))
+    mode = draw(st.sampled_from((0, 0, 1, 2, 3, 3, 4)))
+    q, k, v = make_qkv(layout, batch, heads, kv_heads, q_seq, kv_seq, dim, dtype, seed=draw(st.integers(0, 99)))
+    kwargs = dict(num_heads=heads, num_key_value_heads=draw(st.sampled_from((0, kv_heads))) if kv_heads == heads
+                  else kv_heads, input_layout=layout, scale_value=1 / math.sqrt(dim), sparse_mode=mode)
+    if draw(st.booleans()):
+        kwargs["actual_seq_lengths"] = draw(st.lists(st.integers(0, q_seq), min_size=1, max_size=batch + 1)
+                                            .filter(lambda x: len(x) == 1 or len(x) >= batch))
+    if draw(st.booleans()):
+        kwargs["actual_seq_lengths_kv"] = draw(st.lists(st.integers(0, kv_seq), min_size=1, max_size=batch + 1)
+                                               .filter(lambda x: len(x) == 1 or len(x) >= batch))
+    if mode in (2, 3, 4):
+        kwargs["atten_mask"] = compressed_causal_mask() if draw(st.booleans()) else \
+            compressed_causal_mask().bool().view(1, 1, 2048, 2048)
+    elif mode == 1 or draw(st.booleans()):
+        mask_batch = draw(st.sampled_from((None, 1, batch)))
+        shape = (q_seq, kv_seq) if mask_batch is None else (mask_batch, q_seq, kv_seq)
+        if mask_batch is not None and draw(st.booleans()):
+            shape = (mask_batch, 1, q_seq, kv_seq + draw(st.integers(0, 3)))  # padded key axis
+        mask_dtype = draw(st.sampled_from((torch.bool, torch.int8, torch.uint8)))
+        mask = torch.rand(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 99)))) < 0.3
+        kwargs["atten_mask"] = mask.to(mask_dtype)
+    if mode in (0, 4):
+        kwargs["pre_tokens"] = draw(st.sampled_from((2147473647, 65535, 0, 3, 7, -2)))
+        kwargs["next_tokens"] = draw(st.sampled_from((0, 0, 2, 65535, -1)))
+    if draw(st.integers(0, 3)) == 0:
+        pse_dtype = torch.float16 if dtype == torch.int8 else dtype
+        pse_batch = draw(st.sampled_from((1, batch)))
+        kwargs["pse_shift"] = torch.randn(pse_batch, heads, q_seq + draw(st.integers(0, 2)),
+                                          kv_seq + draw(st.integers(0, 2))).to(pse_dtype)
+    return q, k, v, kwargs

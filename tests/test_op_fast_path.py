@@ -1,0 +1,136 @@
+"""The fast path (vLLM CPU kernel delegation and the blockwise path) against the reference."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from pfa_cases import make_qkv, problems
+from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention, reference_npu_prompt_flash_attention
+from vllm_pfa.ops import api, fast_path, vllm_cpu_kernel
+
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _assert_matches_reference(q, k, v, kwargs, actual):
+    expected = reference_npu_prompt_flash_attention(q, k, v, **kwargs)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    tol = TOLERANCE[q.dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@settings(max_examples=120, deadline=None)
+@given(problems(dtypes=FLOAT_DTYPES, head_dims=(16, 32, 64), max_seq=40))
+def test_fast_path_matches_reference(case):
+    q, k, v, kwargs = case
+    _assert_matches_reference(q, k, v, kwargs, npu_prompt_flash_attention(q, k, v, **kwargs))
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(dtypes=FLOAT_DTYPES, head_dims=(32, 64), max_seq=40))
+def test_blockwise_path_matches_reference(case):
+    q, k, v, kwargs = case
+    original = vllm_cpu_kernel.plan
+    vllm_cpu_kernel.plan = lambda *a, **kw: None  # force the blockwise path
+    try:
+        actual = npu_prompt_flash_attention(q, k, v, **kwargs)
+    finally:
+        vllm_cpu_kernel.plan = original
+    _assert_matches_reference(q, k, v, kwargs, actual)
+
+
+def _causal_kwargs(heads, kv_heads, dim, **extra):
+    return dict(num_heads=heads, num_key_value_heads=kv_heads, input_layout="BSND", scale_value=1 / math.sqrt(dim),
+                sparse_mode=3, atten_mask=compressed_causal_mask(), **extra)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("mode,extra", [
+    (3, {}),
+    (2, {}),
+    (4, {"pre_tokens": 100, "next_tokens": 0}),
+    (0, {}),
+])
+def test_kernel_delegation_covers_causal_shapes(dtype, mode, extra, monkeypatch):
+    """The common prefill shapes take the vLLM CPU kernel and stay exact; block-boundary lengths included."""
+    calls = []
+    monkeypatch.setattr(vllm_cpu_kernel, "run", lambda *a, _run=vllm_cpu_kernel.run: calls.append(1) or _run(*a))
+    q, k, v = make_qkv("BSND", 3, 8, 2, 300, 520, 64, dtype)
+    kwargs = _causal_kwargs(8, 2, 64, actual_seq_lengths=[300, 129, 1], actual_seq_lengths_kv=[520, 256, 128],
+                            **extra)
+    kwargs["sparse_mode"] = mode
+    if mode == 0:
+        kwargs.pop("atten_mask")
+    out = npu_prompt_flash_attention(q, k, v, **kwargs)
+    assert calls, "expected the vLLM CPU kernel path"
+    _assert_matches_reference(q, k, v, kwargs, out)
+
+
+def test_long_prompt_runs_in_bounded_memory():
+    """16K tokens causal: nothing S1 x S2 is built (an fp32 16K x 16K x 8-head score tensor would be 8 GiB)."""
+    import resource
+
+    q, k, v = make_qkv("BSND", 1, 8, 2, 16384, 16384, 64, torch.bfloat16)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = npu_prompt_flash_attention(q, k, v, **_causal_kwargs(8, 2, 64))
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert out.shape == q.shape and bool(torch.isfinite(out.float()).all())
+    assert grown_mib < 1024, f"peak RSS grew by {grown_mib:.0f} MiB"
+
+
+def test_blockwise_long_masked_rows_bounded():
+    """The blockwise path sizes its row blocks so one block's scores stay within the budget."""
+    assert fast_path._block_rows(32, 16384) * 32 * 16384 <= fast_path.SCORE_BUDGET
+    assert fast_path._block_rows(1, 8) == fast_path.MAX_BLOCK_ROWS
+
+
+def test_int8_and_quantized_output_go_to_reference():
+    assert not fast_path.handles(torch.zeros(1, dtype=torch.int8), None)
+    assert not fast_path.handles(torch.zeros(1, dtype=torch.bfloat16), torch.ones(1))
+    assert fast_path.handles(torch.zeros(1, dtype=torch.bfloat16), None)
+    assert api.reference_prompt_flash_attention is not None
+
+
+def test_spec_example():
+    q = torch.randn(1, 8, 164, 128, dtype=torch.float16)
+    k = torch.randn(1, 8, 1024, 128, dtype=torch.float16)
+    v = torch.randn(1, 8, 1024, 128, dtype=torch.float16)
+    kwargs = dict(actual_seq_lengths=[164], actual_seq_lengths_kv=[1024], num_heads=8, input_layout="BNSD",
+                  scale_value=1 / math.sqrt(128.0), pre_tokens=65535, next_tokens=65535)
+    out = npu_prompt_flash_attention(q, k, v, **kwargs)
+    assert out.shape == torch.Size([1, 8, 164, 128]) and out.dtype == torch.float16
+    _assert_matches_reference(q, k, v, kwargs, out)
+
+
+@pytest.mark.parametrize("layout", ["BSH", "BSND", "BNSD", "BNSD_BSND"])
+def test_empty_query_gives_empty_output(layout):
+    q, k, v = make_qkv(layout, 1, 2, 2, 0, 5, 16, torch.float16)
+    out = npu_prompt_flash_attention(q, k, v, num_heads=2, input_layout=layout)
+    assert out.numel() == 0 and out.dtype == torch.float16
+
+
+@pytest.mark.parametrize("layout", ["BSH", "BNSD_BSND"])
+def test_empty_key_value_gives_zeros(layout):
+    q, k, v = make_qkv(layout, 2, 2, 2, 4, 0, 16, torch.bfloat16)
+    out = npu_prompt_flash_attention(q, k, v, num_heads=2, input_layout=layout)
+    expected_shape = (2, 4, 32) if layout == "BSH" else (2, 4, 2, 16)
+    assert out.shape == expected_shape and not out.any()
+
+
+def test_padding_mask_is_ignored():
+    q, k, v = make_qkv("BSH", 1, 2, 2, 4, 6, 16, torch.float32)
+    base = npu_prompt_flash_attention(q, k, v, num_heads=2)
+    with_padding = npu_prompt_flash_attention(q, k, v, num_heads=2, padding_mask=torch.ones(1, 4, 6))
+    torch.testing.assert_close(base, with_padding)
+
+
+def test_actual_lengths_accept_tensors():
+    q, k, v = make_qkv("BSND", 2, 2, 2, 5, 7, 16, torch.float32)
+    kw = dict(num_heads=2, input_layout="BSND")
+    as_list = npu_prompt_flash_attention(q, k, v, actual_seq_lengths=[3, 5], actual_seq_lengths_kv=[7], **kw)
+    as_tensor = npu_prompt_flash_attention(q, k, v, actual_seq_lengths=torch.tensor([3, 5]),
+                                           actual_seq_lengths_kv=torch.tensor([7]), **kw)
+    torch.testing.assert_close(as_list, as_tensor)
+    assert not as_list[0, 3:].any()  # rows past the actual length are 0
