@@ -1,0 +1,123 @@
+"""Builds small Llama-style GQA checkpoints locally: random weights from a fixed seed and a BPE tokenizer trained on
+a generated corpus. Nothing is downloaded; tests, the demo and the benchmarks all use these.
+
+    python -m vllm_pfa.model_builder [tiny|bench]   # prints the checkpoint directory
+"""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from vllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_hidden_layers: int
+    intermediate_size: int
+    vocab_size: int = 2048
+    max_position_embeddings: int = 16384
+    init_std: float = 0.1  # larger than usual so that random-weight logits are peaked (no near-ties in greedy)
+    seed: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+SPECS = {
+    # Tests and demo: GQA 4 query heads over 2 kv heads, head_dim 64.
+    "tiny": ModelSpec("tiny", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                      intermediate_size=512),
+    # Benchmarks: realistic attention (32 heads, 8 kv heads, head_dim 128), few layers, small MLP.
+    "bench": ModelSpec("bench", hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                       num_hidden_layers=2, intermediate_size=512, init_std=0.02),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("VLLM_PFA_CACHE", Path.home() / ".cache" / "vllm_pfa"))
+
+
+def _corpus(seed: int, num_lines: int = 4000) -> list[str]:
+    """Deterministic English-like text: words built from syllables, sentences from words."""
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pha", "qu", "dre", "sto", "ing", "er", "an"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(600)]
+    words += ["the", "a", "of", "and", "to", "in", "is", "prefill", "attention", "decode", "token", "model"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 20))) + "." for _ in range(num_lines)]
+
+
+def _train_tokenizer(spec: ModelSpec, out_dir: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(_corpus(spec.seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=spec.max_position_embeddings)
+    fast.save_pretrained(out_dir)
+
+
+def _write_model(spec: ModelSpec, out_dir: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_position_embeddings, initializer_range=spec.init_std,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, torch_dtype="float32",
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0.0, spec.init_std)
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def build_model(name: str = "tiny") -> Path:
+    """The checkpoint directory of model `name`, built on first use and then reused (safe across processes)."""
+    spec = SPECS[name]
+    digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{name}-{digest}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("Building the %s model checkpoint in %s", name, target)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    try:
+        _train_tokenizer(spec, staging)
+        _write_model(spec, staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+if __name__ == "__main__":
+    print(build_model(sys.argv[1] if len(sys.argv) > 1 else "tiny"))
