@@ -1,0 +1,173 @@
+"""Backend level: the PFA backend against vLLM's CPU_ATTN backend on the same paged KV cache.
+
+Batches are built as vLLM's scheduler hands them over (decodes first): decode-only, fresh prefills, prefills with
+cached context (chunked prefill / prefix-cache hit), and mixes; real `CommonAttentionMetadata`, real builders.
+"""
+
+import functools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm import _custom_ops as ops
+from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadataBuilder
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from vllm_pfa.backend import cpu_cache
+from vllm_pfa.backend.pfa_attn import PFAAttentionImpl, PFAMetadataBuilder
+from vllm_pfa.backend.stats import STATS
+from vllm_pfa.model_builder import build_model
+from vllm_pfa.ops import compressed_causal_mask
+
+# the model config (tiny: 4 heads over 2 kv heads, head 64) sizes the CPU kernel scratchpad: match it
+HEADS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 4, 2, 64, 32
+
+# (query_len, seq_len) per request, decodes first
+BATCHES = {
+    "decode_only": [(1, 17), (1, 64), (1, 5)],
+    "fresh_prefills": [(13, 13), (70, 70), (2, 2)],
+    "one_fresh_prefill": [(150, 150)],
+    "prefills_with_context": [(10, 50), (33, 97), (64, 64 + 32)],
+    "mixed": [(1, 20), (1, 70), (25, 25), (16, 80), (3, 34)],
+}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@functools.cache
+def _config(dtype: torch.dtype) -> VllmConfig:
+    # The model dtype is what the CPU builders plan the kernel for: it must be the cache's dtype.
+    return VllmConfig(model_config=ModelConfig(model=str(build_model("tiny")), dtype=dtype),
+                      cache_config=CacheConfig(block_size=BLOCK_SIZE))
+
+
+def _spec(dtype):
+    return FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype=dtype)
+
+
+def _make_batch(requests, dtype, isa, seed=0):
+    """Random q/k/v, a paged cache holding every token's K/V (context and new), and the common metadata."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_req = [-(-seq // BLOCK_SIZE) for _, seq in requests]
+    num_blocks = sum(blocks_per_req) + 3
+    block_ids = torch.randperm(num_blocks, generator=gen)  # scattered blocks, as a real allocator leaves them
+    block_table = torch.zeros(len(requests), max(blocks_per_req), dtype=torch.int32)
+    kv_cache = torch.zeros(num_blocks, KV_HEADS, BLOCK_SIZE, 2 * HEAD_SIZE, dtype=dtype)
+    key_cache, value_cache = cpu_cache.split_kv_cache(kv_cache)
+    queries, new_keys, new_values, new_slots = [], [], [], []
+    used = 0
+    for r, ((q_len, seq_len), n_blocks) in enumerate(zip(requests, blocks_per_req)):
+        block_table[r, :n_blocks] = block_ids[used:used + n_blocks].to(torch.int32)
+        used += n_blocks
+        slots = torch.tensor([int(block_table[r, j // BLOCK_SIZE]) * BLOCK_SIZE + j % BLOCK_SIZE
+                              for j in range(seq_len)])
+        keys = torch.randn(seq_len, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype)
+        values = torch.randn(seq_len, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype)
+        ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa)
+        queries.append(torch.randn(q_len, HEADS, HEAD_SIZE, generator=gen).to(dtype))
+        new_keys.append(keys[seq_len - q_len:])
+        new_values.append(values[seq_len - q_len:])
+        new_slots.append(slots[seq_len - q_len:])
+    query_lens = [q for q, _ in requests]
+    query_start_loc = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    metadata = CommonAttentionMetadata(
+        query_start_loc=query_start_loc, query_start_loc_cpu=query_start_loc.clone(),
+        seq_lens=torch.tensor([s for _, s in requests], dtype=torch.int32), num_reqs=len(requests),
+        num_actual_tokens=sum(query_lens), max_query_len=max(query_lens), max_seq_len=max(s for _, s in requests),
+        block_table_tensor=block_table, slot_mapping=torch.cat(new_slots),
+    )
+    return torch.cat(queries), torch.cat(new_keys), torch.cat(new_values), kv_cache, metadata
+
+
+def _run(builder_cls, impl_cls, dtype, requests, sliding_window=None, configure=None):
+    with set_current_vllm_config(_config(dtype)):
+        return _run_in_config(builder_cls, impl_cls, dtype, requests, sliding_window, configure)
+
+
+def _run_in_config(builder_cls, impl_cls, dtype, requests, sliding_window, configure):
+    builder = builder_cls(_spec(dtype), [], _config(dtype), torch.device("cpu"))
+    if sliding_window is not None:
+        builder.window_size = sliding_window
+    if configure:
+        configure(builder)
+    impl = impl_cls(HEADS, HEAD_SIZE, 1 / math.sqrt(HEAD_SIZE), KV_HEADS, None, sliding_window, "auto")
+    layer = SimpleNamespace(isa=builder.isa, _k_scale_float=1.0, _v_scale_float=1.0)
+    query, key, value, kv_cache, common = _make_batch(requests, dtype, builder.isa)
+    output = torch.full((query.shape[0], HEADS, HEAD_SIZE), float("nan"), dtype=dtype)
+    impl.forward(layer, query, key, value, kv_cache, builder.build(0, common), output)
+    return output
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", sorted(BATCHES))
+def test_pfa_backend_matches_cpu_attn(dtype, batch):
+    STATS.reset()
+    expected = _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, dtype, BATCHES[batch])
+    actual = _run(PFAMetadataBuilder, PFAAttentionImpl, dtype, BATCHES[batch])
+    torch.testing.assert_close(actual, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    prefill_tokens = sum(q for q, _ in BATCHES[batch] if q > 1)
+    assert STATS.prefill_tokens == prefill_tokens and STATS.prefill_calls == (1 if prefill_tokens else 0)
+    assert STATS.decode_tokens == sum(q for q, _ in BATCHES[batch] if q == 1)
+    assert STATS.context_tokens == sum(s - q for q, s in BATCHES[batch] if q > 1)
+
+
+@pytest.mark.parametrize("batch", ["mixed", "prefills_with_context"])
+def test_sliding_window_goes_through_band_mode(batch):
+    expected = _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, torch.float32,
+                    BATCHES[batch], sliding_window=24)
+    actual = _run(PFAMetadataBuilder, PFAAttentionImpl, torch.float32, BATCHES[batch],
+                  sliding_window=24)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unreadable_cache_layout_sends_context_prefills_to_existing_path():
+    STATS.reset()
+    requests = BATCHES["mixed"]
+    expected = _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, torch.float32, requests)
+    actual = _run(PFAMetadataBuilder, PFAAttentionImpl, torch.float32, requests,
+                  configure=lambda builder: setattr(builder, "cache_reader", None))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert STATS.prefill_calls == 0 and STATS.existing_path_prefill_tokens == 25 + 16 + 3
+
+
+def test_mask_is_built_once_and_shared():
+    with set_current_vllm_config(_config(torch.float32)):
+        builder = PFAMetadataBuilder(_spec(torch.float32), [], _config(torch.float32), torch.device("cpu"))
+    _, _, _, _, common = _make_batch(BATCHES["mixed"], torch.float32, builder.isa)
+    first, second = builder.build(0, common).prefill, builder.build(0, common).prefill
+    assert first.atten_mask is second.atten_mask is compressed_causal_mask("cpu")
+    assert first.atten_mask.dtype == torch.int8
+    assert torch.equal(first.atten_mask, torch.triu(torch.ones(2048, 2048, dtype=torch.int8), diagonal=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size,head_size", [(32, 64), (128, 128), (16, 64), (32, 80), (64, 256)])
+def test_cache_reader_round_trips_through_vllm_reshape_and_cache(dtype, block_size, head_size):
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    isa = _get_attn_isa(dtype, block_size, head_size)
+    reader = cpu_cache.probe(isa, dtype, block_size, head_size)
+    assert reader is not None, f"layout of ISA {isa} not recognized"
+    seq_len, num_blocks = 3 * block_size - 5, 7
+    kv_cache = torch.zeros(num_blocks, KV_HEADS, block_size, 2 * head_size, dtype=dtype)
+    key_cache, value_cache = cpu_cache.split_kv_cache(kv_cache)
+    blocks = torch.tensor([5, 0, 3])
+    slots = torch.tensor([int(blocks[j // block_size]) * block_size + j % block_size for j in range(seq_len)])
+    keys = torch.randn(seq_len, KV_HEADS, head_size).to(dtype)
+    values = torch.randn(seq_len, KV_HEADS, head_size).to(dtype)
+    ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa)
+    got_keys, got_values = reader.gather(kv_cache, blocks, seq_len)
+    assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
+
+
+def test_unsupported_features_are_refused():
+    # refused before anything else is set up
+    with pytest.raises(NotImplementedError, match="ALiBi"):
+        PFAAttentionImpl(HEADS, HEAD_SIZE, 0.1, KV_HEADS, [0.1] * HEADS, None, "auto")
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        PFAAttentionImpl(HEADS, HEAD_SIZE, 0.1, KV_HEADS, None, None, "auto", logits_soft_cap=30.0)
+    with pytest.raises(NotImplementedError, match="sinks"):
+        PFAAttentionImpl(HEADS, HEAD_SIZE, 0.1, KV_HEADS, None, None, "auto", sinks=torch.zeros(HEADS))

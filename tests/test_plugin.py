@@ -1,0 +1,79 @@
+"""Plugin registration and the backend-selection patch."""
+
+import logging
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+from vllm.platforms.cpu import CpuPlatform
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+from vllm.v1.attention.selector import AttentionSelectorConfig
+
+from vllm_pfa import plugin
+from vllm_pfa_patches.platform import selection
+
+
+def _selector(**overrides):
+    config = dict(head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=32)
+    config.update(overrides)
+    return AttentionSelectorConfig(**config)
+
+
+def test_entry_point_is_declared():
+    names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert names.get("pfa") == "vllm_pfa.plugin:register"
+
+
+def test_register_twice_is_harmless():
+    plugin.register()
+    member = AttentionBackendEnum["PFA"]
+    wrapped = CpuPlatform.get_attn_backend_cls
+    plugin.register()
+    assert AttentionBackendEnum["PFA"] is member
+    assert member.get_class().get_name() == "PFA"
+    assert CpuPlatform.get_attn_backend_cls.__func__ is wrapped.__func__  # not wrapped a second time
+
+
+def test_unknown_backend_still_gets_vllms_error():
+    plugin.register()
+    with pytest.raises(ValueError, match="Unknown attention backend: 'NO_SUCH'"):
+        AttentionBackendEnum["NO_SUCH"]
+
+
+def test_cpu_platform_honours_pfa_and_nothing_else():
+    plugin.register()
+    pfa = CpuPlatform.get_attn_backend_cls(AttentionBackendEnum["PFA"], _selector())
+    assert pfa == "vllm_pfa.backend.pfa_attn.PFAAttentionBackend"
+    cpu = "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend"
+    assert CpuPlatform.get_attn_backend_cls(None, _selector()) == cpu
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CPU_ATTN, _selector()) == cpu
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.FLASH_ATTN, _selector()) == cpu
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    (dict(kv_cache_dtype="fp8"), "kv_cache_dtype not supported"),
+    (dict(head_size=48), "head_size not supported"),
+    (dict(attn_type="encoder_only"), "attention type encoder_only not supported"),
+    (dict(use_mla=True), "MLA not supported"),
+    (dict(has_sink=True), "attention sinks not supported"),
+    (dict(use_non_causal=True), "non-causal attention not supported"),
+])
+def test_unsupported_models_are_refused_clearly(overrides, reason):
+    plugin.register()
+    with pytest.raises(ValueError, match=f"The PFA attention backend cannot run this model.*{reason}"):
+        CpuPlatform.get_attn_backend_cls(AttentionBackendEnum["PFA"], _selector(**overrides))
+
+
+def test_sliding_window_is_supported():
+    plugin.register()
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum["PFA"], _selector(has_sliding_window=True))
+
+
+def test_other_versions_are_refused_with_a_log_line(caplog):
+    logger = logging.getLogger(selection.__name__)
+    logger.propagate = True
+    with caplog.at_level(logging.WARNING, logger=selection.__name__):
+        assert not selection.version_supported("vllm", "0.31.0", ("0.32.0",))
+    assert "not patching vllm 0.31.0 (the patch was written for 0.32.0)" in caplog.text
+    assert selection.version_supported("vllm", "0.32.0", ("0.32.0",))
