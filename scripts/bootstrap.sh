@@ -16,5 +16,6 @@ echo "[bootstrap] creating .venv and installing vllm-pfa (first run takes a few 
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[test,bench]"
 .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+.venv/bin/python -m vllm_pfa_patches.packaging.vllm_cli_distribution
 .venv/bin/python -c "import torch, vllm; print(f'[bootstrap] torch {torch.__version__}, vllm {vllm.__version__}')"
 echo "$want" > "$stamp"

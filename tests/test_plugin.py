@@ -71,9 +71,11 @@ def test_sliding_window_is_supported():
 
 
 def test_other_versions_are_refused_with_a_log_line(caplog):
-    logger = logging.getLogger(selection.__name__)
-    logger.propagate = True
-    with caplog.at_level(logging.WARNING, logger=selection.__name__):
-        assert not selection.version_supported("vllm", "0.31.0", ("0.32.0",))
+    selection.logger.addHandler(caplog.handler)  # vLLM's logger tree does not propagate to the root logger
+    try:
+        with caplog.at_level(logging.WARNING, logger=selection.logger.name):
+            assert not selection.version_supported("vllm", "0.31.0", ("0.32.0",))
+    finally:
+        selection.logger.removeHandler(caplog.handler)
     assert "not patching vllm 0.31.0 (the patch was written for 0.32.0)" in caplog.text
     assert selection.version_supported("vllm", "0.32.0", ("0.32.0",))

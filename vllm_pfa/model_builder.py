@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from vllm.logger import init_logger
+from vllm_pfa.log import init_logger
 
 logger = init_logger(__name__)
 

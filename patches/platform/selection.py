@@ -4,7 +4,7 @@ selection reaches the original method unchanged."""
 
 from collections.abc import Callable
 
-from vllm.logger import init_logger
+from vllm_pfa.log import init_logger
 from vllm.utils.import_utils import resolve_obj_by_qualname
 
 logger = init_logger(__name__)

@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 
 from vllm.config import VllmConfig
-from vllm.logger import init_logger
+from vllm_pfa.log import init_logger
 from vllm.v1.attention.backend import AttentionLayer, AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,

@@ -2,7 +2,7 @@
 
 from dataclasses import asdict, dataclass
 
-from vllm.logger import init_logger
+from vllm_pfa.log import init_logger
 
 logger = init_logger(__name__)
 
