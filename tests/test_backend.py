@@ -17,7 +17,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadataBuilder
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from vllm_pfa.backend import cpu_cache
+from vllm_pfa.ops import cpu_kv_layout
 from vllm_pfa.backend.pfa_attn import PFAAttentionImpl, PFAMetadataBuilder
 from vllm_pfa.backend.stats import STATS
 from vllm_pfa.model_builder import build_model
@@ -56,7 +56,7 @@ def _make_batch(requests, dtype, isa, seed=0):
     block_ids = torch.randperm(num_blocks, generator=gen)  # scattered blocks, as a real allocator leaves them
     block_table = torch.zeros(len(requests), max(blocks_per_req), dtype=torch.int32)
     kv_cache = torch.zeros(num_blocks, KV_HEADS, BLOCK_SIZE, 2 * HEAD_SIZE, dtype=dtype)
-    key_cache, value_cache = cpu_cache.split_kv_cache(kv_cache)
+    key_cache, value_cache = cpu_kv_layout.split_kv_cache(kv_cache)
     queries, new_keys, new_values, new_slots = [], [], [], []
     used = 0
     for r, ((q_len, seq_len), n_blocks) in enumerate(zip(requests, blocks_per_req)):
@@ -128,7 +128,7 @@ def test_unreadable_cache_layout_sends_context_prefills_to_existing_path():
     requests = BATCHES["mixed"]
     expected = _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, torch.float32, requests)
     actual = _run(PFAMetadataBuilder, PFAAttentionImpl, torch.float32, requests,
-                  configure=lambda builder: setattr(builder, "cache_reader", None))
+                  configure=lambda builder: setattr(builder, "cache_layout", None))
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
     assert STATS.prefill_calls == 0 and STATS.existing_path_prefill_tokens == 25 + 16 + 3
 
@@ -145,22 +145,30 @@ def test_mask_is_built_once_and_shared():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_size,head_size", [(32, 64), (128, 128), (16, 64), (32, 80), (64, 256)])
-def test_cache_reader_round_trips_through_vllm_reshape_and_cache(dtype, block_size, head_size):
+def test_cache_layout_round_trips_through_vllm_reshape_and_cache(dtype, block_size, head_size):
+    """Reading back what vLLM's writer stored, and writing what vLLM's writer would store, for each CPU ISA here."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     isa = _get_attn_isa(dtype, block_size, head_size)
-    reader = cpu_cache.probe(isa, dtype, block_size, head_size)
-    assert reader is not None, f"layout of ISA {isa} not recognized"
+    layout = cpu_kv_layout.probe(isa, dtype, block_size, head_size)
+    assert layout is not None, f"layout of ISA {isa} not recognized"
     seq_len, num_blocks = 3 * block_size - 5, 7
     kv_cache = torch.zeros(num_blocks, KV_HEADS, block_size, 2 * head_size, dtype=dtype)
-    key_cache, value_cache = cpu_cache.split_kv_cache(kv_cache)
+    key_cache, value_cache = cpu_kv_layout.split_kv_cache(kv_cache)
     blocks = torch.tensor([5, 0, 3])
     slots = torch.tensor([int(blocks[j // block_size]) * block_size + j % block_size for j in range(seq_len)])
     keys = torch.randn(seq_len, KV_HEADS, head_size).to(dtype)
     values = torch.randn(seq_len, KV_HEADS, head_size).to(dtype)
     ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa)
-    got_keys, got_values = reader.gather(kv_cache, blocks, seq_len)
+    got_keys, got_values = layout.gather(kv_cache, blocks, seq_len)
     assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
+
+    by_vllm = torch.zeros(num_blocks, KV_HEADS, block_size, 2 * head_size, dtype=dtype)
+    ops.cpu_attn_reshape_and_cache(keys, values, *cpu_kv_layout.split_kv_cache(by_vllm),
+                                   torch.arange(seq_len) + 2 * block_size, isa)
+    by_layout = torch.zeros_like(by_vllm)
+    layout.write(*cpu_kv_layout.split_kv_cache(by_layout), 2, keys, values)
+    assert torch.equal(by_layout, by_vllm)
 
 
 def test_unsupported_features_are_refused():

@@ -23,7 +23,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from vllm_pfa.backend import cpu_cache
+from vllm_pfa.ops import cpu_kv_layout
 from vllm_pfa.backend.stats import STATS
 from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention
 
@@ -76,7 +76,7 @@ class PFAPrefillPlan:
     max_query_len: int
     max_seq_len: int
     atten_mask: torch.Tensor  # the cached compressed causal mask
-    cache_reader: cpu_cache.CpuKVCacheReader | None  # reads context K/V back from this group's cache layout
+    cache_layout: cpu_kv_layout.CpuKVLayout | None  # how this group's cache stores K/V (None: unrecognized)
     packed_rows: torch.Tensor | None  # row of each new token in the padded [B * max_query_len] layout; None if B == 1
 
     @property
@@ -122,8 +122,8 @@ class PFAMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.cache_reader = cpu_cache.probe(self.isa, self.dtype, self.block_size, self.head_dim)
-        if self.cache_reader is None:
+        self.cache_layout = cpu_kv_layout.probe(self.isa, self.dtype, self.block_size, self.head_dim)
+        if self.cache_layout is None:
             logger.warning_once(
                 "PFA: the CPU KV cache layout of ISA %r is not one the context gather reads; prefills with cached "
                 "context (chunked prefill, prefix-cache hits) will use the existing CPU attention path.", self.isa)
@@ -138,7 +138,7 @@ class PFAMetadataBuilder(CPUAttentionMetadataBuilder):
         seq_lens_host = (cm.seq_lens if cm.seq_lens.device.type == "cpu" else cm.seq_lens_cpu_upper_bound).tolist()
         has_context = any(
             seq_lens_host[r] > query_start[r + 1] - query_start[r] for r in range(num_decodes, cm.num_reqs))
-        if num_prefills and has_context and self.cache_reader is None:
+        if num_prefills and has_context and self.cache_layout is None:
             STATS.existing_path_prefill_tokens += num_prefill_tokens
             num_decodes, num_decode_tokens, num_prefills = cm.num_reqs, cm.num_actual_tokens, 0
         existing_path = None
@@ -171,7 +171,7 @@ class PFAMetadataBuilder(CPUAttentionMetadataBuilder):
             token_start=token_start, num_tokens=sum(query_lens), query_lens=query_lens, seq_lens=seq_lens,
             query_starts=[query_start[r] - token_start for r in requests], context_block_ids=context_block_ids,
             max_query_len=max_query_len, max_seq_len=max(seq_lens),
-            atten_mask=compressed_causal_mask(self.device), cache_reader=self.cache_reader, packed_rows=packed_rows,
+            atten_mask=compressed_causal_mask(self.device), cache_layout=self.cache_layout, packed_rows=packed_rows,
         )
 
 
@@ -224,7 +224,7 @@ class PFAAttentionImpl(CPUAttentionBackendImpl):
         """[B, max_seq_len, kv_heads, D] keys and values: new tokens, or context + new gathered from the cache."""
         if not plan.has_context:
             return self._pack(key, plan), self._pack(value, plan)
-        reader = plan.cache_reader
+        layout = plan.cache_layout
         keys = key.new_zeros(plan.num_requests, plan.max_seq_len, *key.shape[1:])
         values = torch.zeros_like(keys)
         for i, (start, n, seq_len, block_ids) in enumerate(
@@ -232,7 +232,7 @@ class PFAAttentionImpl(CPUAttentionBackendImpl):
             if block_ids is None:
                 keys[i, :n], values[i, :n] = key[start:start + n], value[start:start + n]
             else:
-                keys[i, :seq_len], values[i, :seq_len] = reader.gather(kv_cache, block_ids, seq_len)
+                keys[i, :seq_len], values[i, :seq_len] = layout.gather(kv_cache, block_ids, seq_len)
                 STATS.context_tokens += seq_len - n
         return keys, values
 

@@ -1,0 +1,105 @@
+"""End-to-end throughput: `vllm bench throughput` with the PFA backend and with CPU_ATTN, in one run.
+
+The benchmark model (built locally: 32 query heads, 8 kv heads, head_dim 128, 2 layers, small MLP) makes attention
+a real share of the work. Workloads: prefill-heavy (input 2048, output 16) and mixed (input 512, output 128). Each
+backend runs in its own `vllm bench throughput` process with the same arguments; backends alternate per workload so
+drift on a noisy machine hits both.
+
+    python benchmarks/bench_e2e.py [--quick] [--dtype bfloat16] [--out benchmarks/results]
+"""
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from vllm_pfa.model_builder import build_model
+
+VLLM = str(Path(sys.executable).parent / "vllm")
+BACKENDS = ("pfa", "CPU_ATTN")
+WORKLOADS = {
+    "prefill_heavy": dict(input_len=2048, output_len=16, num_prompts=12),
+    "mixed": dict(input_len=512, output_len=128, num_prompts=24),
+}
+THROUGHPUT = re.compile(r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s")
+
+
+def run_bench(model: str, backend: str, workload: dict, dtype: str) -> dict:
+    cmd = [VLLM, "bench", "throughput", "--model", model, "--attention-backend", backend, "--dtype", dtype,
+           "--input-len", str(workload["input_len"]), "--output-len", str(workload["output_len"]),
+           "--num-prompts", str(workload["num_prompts"]), "--gpu-memory-utilization", "0.3",
+           "--max-model-len", str(workload["input_len"] + workload["output_len"] + 64), "--seed", "0",
+           "--max-num-batched-tokens", "4096"]
+    start = time.time()
+    done = threading.Event()
+
+    def progress():
+        while not done.wait(15):
+            print(f"    ... {backend} running for {time.time() - start:.0f}s", file=sys.stderr, flush=True)
+
+    threading.Thread(target=progress, daemon=True).start()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    finally:
+        done.set()
+    match = THROUGHPUT.search(proc.stdout)
+    if proc.returncode != 0 or not match:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    requests_s, total_s, output_s = map(float, match.groups())
+    return dict(requests_per_s=requests_s, total_tokens_per_s=total_s, output_tokens_per_s=output_s,
+                wall_s=time.time() - start)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = list(results)
+    for i, backend in enumerate(BACKENDS):
+        ax.bar([x + (i - 0.5) * 0.38 for x in range(len(names))],
+               [results[n][backend]["total_tokens_per_s"] for n in names], 0.38, label=backend)
+    ax.set_xticks(range(len(names)), [f"{n}\n(PFA/CPU_ATTN {results[n]['ratio']:.2f}x)" for n in names])
+    ax.set_ylabel("total tokens/s")
+    ax.set_title("vllm bench throughput, benchmark model (32/8 heads, D=128)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer prompts")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = str(build_model("bench"))
+    results = {}
+    for name, workload in WORKLOADS.items():
+        workload = dict(workload, num_prompts=max(4, workload["num_prompts"] // 3)) if args.quick else workload
+        print(f"[{name}] input {workload['input_len']}, output {workload['output_len']}, "
+              f"{workload['num_prompts']} prompts", flush=True)
+        results[name] = {}
+        for backend in BACKENDS:
+            results[name][backend] = r = run_bench(model, backend, workload, args.dtype)
+            print(f"  {backend:9s} {r['total_tokens_per_s']:9.1f} total tok/s  {r['output_tokens_per_s']:8.1f} "
+                  f"output tok/s  ({r['wall_s']:.0f}s)", flush=True)
+        ratio = results[name]["pfa"]["total_tokens_per_s"] / results[name]["CPU_ATTN"]["total_tokens_per_s"]
+        results[name]["ratio"] = ratio
+        results[name]["workload"] = workload
+        print(f"  PFA / CPU_ATTN: {ratio:.3f}x", flush=True)
+    (args.out / "bench_e2e.json").write_text(json.dumps(dict(dtype=args.dtype, model=model, results=results),
+                                                        indent=1))
+    plot(results, args.out / "bench_e2e.png")
+    print(f"wrote {args.out / 'bench_e2e.json'} and {args.out / 'bench_e2e.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The PFA operator's CPU path against vLLM's CPU attention kernel and torch SDPA, causal prefill, one run.
+
+Every shape is timed for all implementations back to back, so the ratios compare like with like on a noisy
+machine. The anchor is `cpu_attention_with_kv_cache` on a cache already paged (block size 128, vLLM's CPU default):
+what vLLM's CPU_ATTN backend pays per prefill. PFA gets dense BSND tensors, as the PFA backend passes them.
+
+    python benchmarks/bench_op.py [--quick] [--out benchmarks/results]
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vllm import _custom_ops as ops
+from vllm import envs
+from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention, reference_npu_prompt_flash_attention
+
+ANCHOR_BLOCK_SIZE = 128
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def causal_flops(heads: int, head_dim: int, q_lens: list[int], kv_lens: list[int]) -> float:
+    """QK^T and PV over the kept (bottom-right causal) pairs: 4 * N * D per pair."""
+    pairs = sum(aq * akv - aq * (aq - 1) // 2 for aq, akv in zip(q_lens, kv_lens))
+    return 4.0 * heads * head_dim * pairs
+
+
+def timeit(fn, min_repeats: int = 3, min_seconds: float = 1.0) -> float:
+    fn()  # warm-up
+    times, start = [], time.perf_counter()
+    while len(times) < min_repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 20:
+            break
+    return statistics.median(times)
+
+
+def vllm_kernel_call(q, k, v, lens, scale):
+    """A closure running vLLM's CPU kernel on K/V paged beforehand (not timed), as CPU_ATTN would."""
+    batch, _, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    isa = _get_attn_isa(q.dtype, ANCHOR_BLOCK_SIZE, dim)
+    blocks = [-(-n // ANCHOR_BLOCK_SIZE) for n in lens]
+    kv_cache = torch.zeros(sum(blocks), kv_heads, 2 * ANCHOR_BLOCK_SIZE, dim, dtype=q.dtype)
+    key_cache, value_cache = kv_cache.chunk(2, dim=2)
+    first = [sum(blocks[:i]) for i in range(batch)]
+    slots = torch.cat([torch.arange(n) + f * ANCHOR_BLOCK_SIZE for n, f in zip(lens, first)])
+    ops.cpu_attn_reshape_and_cache(torch.cat([k[b, :n] for b, n in enumerate(lens)]),
+                                   torch.cat([v[b, :n] for b, n in enumerate(lens)]), key_cache, value_cache,
+                                   slots, isa)
+    block_table = torch.zeros(batch, max(blocks), dtype=torch.int32)
+    for b in range(batch):
+        block_table[b, :blocks[b]] = torch.arange(first[b], first[b] + blocks[b])
+    tokens = torch.cat([q[b, :n] for b, n in enumerate(lens)]).contiguous()
+    query_start_loc = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    metadata = ops.cpu_attn_get_scheduler_metadata(batch, heads, kv_heads, dim, seq_lens, q.dtype, query_start_loc,
+                                                   True, -1, isa, envs.VLLM_CPU_ATTN_SPLIT_KV)
+    out = torch.empty_like(tokens)
+
+    def run():
+        ops.cpu_attention_with_kv_cache(tokens, key_cache, value_cache, out, query_start_loc, seq_lens, scale, True,
+                                        None, -1, block_table, 0.0, metadata, None)
+    return run
+
+
+def sdpa_call(q, k, v, lens, scale):
+    qb, kb, vb = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # BNSD, laid out before timing
+
+    def run():
+        for b, n in enumerate(lens):
+            torch.nn.functional.scaled_dot_product_attention(qb[b:b + 1, :, :n], kb[b:b + 1, :, :n],
+                                                             vb[b:b + 1, :, :n], is_causal=True, scale=scale,
+                                                             enable_gqa=True)
+    return run
+
+
+def shapes(quick: bool):
+    seqs = [512, 2048] if quick else [512, 1024, 2048, 4096, 8192]
+    for dtype in (["bf16"] if quick else ["bf16", "fp16"]):
+        for heads, kv_heads in ((32, 8), (32, 32)):
+            for dim in ((128,) if quick else (64, 128)):
+                for seq in seqs:
+                    yield dict(dtype=dtype, heads=heads, kv_heads=kv_heads, dim=dim, lens=[seq])
+    for dtype in DTYPES if not quick else ["bf16"]:  # a batch of mixed lengths, padded to the longest
+        yield dict(dtype=dtype, heads=32, kv_heads=8, dim=128, lens=[2048, 1000, 517, 130])
+
+
+def bench_shape(shape: dict, with_reference: bool) -> dict:
+    dtype, heads, kv_heads, dim, lens = (shape[k] for k in ("dtype", "heads", "kv_heads", "dim", "lens"))
+    torch.manual_seed(0)
+    seq, batch = max(lens), len(lens)
+    q = torch.randn(batch, seq, heads, dim).to(DTYPES[dtype])
+    k = torch.randn(batch, seq, kv_heads, dim).to(DTYPES[dtype])
+    v = torch.randn(batch, seq, kv_heads, dim).to(DTYPES[dtype])
+    scale = 1 / math.sqrt(dim)
+    mask = compressed_causal_mask()
+    kwargs = dict(num_heads=heads, num_key_value_heads=kv_heads, input_layout="BSND", scale_value=scale,
+                  sparse_mode=3, atten_mask=mask, actual_seq_lengths=lens, actual_seq_lengths_kv=lens)
+    flops = causal_flops(heads, dim, lens, lens)
+    seconds = {
+        "vllm_cpu_kernel": timeit(vllm_kernel_call(q, k, v, lens, scale)),
+        "pfa": timeit(lambda: npu_prompt_flash_attention(q, k, v, **kwargs)),
+        "sdpa": timeit(sdpa_call(q, k, v, lens, scale)),
+    }
+    if with_reference and seq <= 1024:
+        seconds["reference"] = timeit(lambda: reference_npu_prompt_flash_attention(q, k, v, **kwargs), 1, 0.0)
+    gflops = {name: flops / s / 1e9 for name, s in seconds.items()}
+    return dict(shape, gflops=gflops, seconds=seconds,
+                ratio_pfa_vs_kernel=seconds["vllm_cpu_kernel"] / seconds["pfa"],
+                ratio_pfa_vs_sdpa=seconds["sdpa"] / seconds["pfa"])
+
+
+def label(r: dict) -> str:
+    lens = r["lens"][0] if len(r["lens"]) == 1 else "mixed" + "/".join(map(str, r["lens"]))
+    return f"{r['dtype']} N{r['heads']}/{r['kv_heads']} D{r['dim']} S={lens}"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["pfa", "vllm_cpu_kernel", "sdpa"]
+    fig, ax = plt.subplots(figsize=(max(10, len(results) * 0.45), 6))
+    width = 0.27
+    for i, name in enumerate(names):
+        ax.bar([x + (i - 1) * width for x in range(len(results))], [r["gflops"][name] for r in results], width,
+               label=name)
+    ax.set_xticks(range(len(results)), [label(r) for r in results], rotation=75, ha="right", fontsize=7)
+    ax.set_ylabel("GFLOP/s (causal FLOPs)")
+    ax.set_title("Causal prefill attention on CPU: PFA vs vLLM CPU kernel vs torch SDPA")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(torch.get_num_threads())
+    all_shapes = list(shapes(args.quick))
+    results = []
+    print(f"{'shape':44s} {'PFA':>8s} {'kernel':>8s} {'SDPA':>8s} {'ref':>8s}  PFA/kernel  PFA/SDPA  (GFLOP/s)")
+    for i, shape in enumerate(all_shapes, 1):
+        print(f"[{i}/{len(all_shapes)}] {label(shape)} ...", end="\r", file=sys.stderr, flush=True)
+        r = bench_shape(shape, with_reference=True)
+        results.append(r)
+        g = r["gflops"]
+        ref = f"{g['reference']:8.1f}" if "reference" in g else f"{'-':>8s}"
+        print(f"{label(r):44s} {g['pfa']:8.1f} {g['vllm_cpu_kernel']:8.1f} {g['sdpa']:8.1f} {ref}  "
+              f"{r['ratio_pfa_vs_kernel']:9.2f}x {r['ratio_pfa_vs_sdpa']:8.2f}x", flush=True)
+    ratios = [r["ratio_pfa_vs_kernel"] for r in results]
+    summary = dict(min_ratio_pfa_vs_kernel=min(ratios), geomean_ratio_pfa_vs_kernel=statistics.geometric_mean(ratios),
+                   threads=torch.get_num_threads(), torch=torch.__version__)
+    print(f"PFA vs vLLM CPU kernel: min {summary['min_ratio_pfa_vs_kernel']:.2f}x, "
+          f"geomean {summary['geomean_ratio_pfa_vs_kernel']:.2f}x over {len(results)} shapes")
+    (args.out / "bench_op.json").write_text(json.dumps(dict(summary=summary, results=results), indent=1))
+    plot(results, args.out / "bench_op.png")
+    print(f"wrote {args.out / 'bench_op.json'} and {args.out / 'bench_op.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The block interior layout of vLLM's CPU paged KV cache, recognized through vLLM's own writer.
+
+A CPU_ATTN layer cache is `[num_blocks, num_kv_heads, block_size, 2 * head_size]`, viewed as key and value halves
+`[num_blocks, num_kv_heads, block_size, head_size]`. How a block's tokens are laid out inside depends on the ISA
+chosen by vLLM (for "vec"/"vec16" a key block is stored transposed, `[head_size, block_size]`, and a value block
+plain). Rather than trusting that, `probe` writes a pattern with `cpu_attn_reshape_and_cache` and recognizes the
+layout; for an unrecognized one (e.g. AMX) it returns None and callers use vLLM's own op or the existing path.
+Both directions use the same token view: reading context back (the backend) and writing K/V (the operator's
+delegation to vLLM's kernel, where a strided torch copy is about twice as fast as the per-token op).
+"""
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value halves of a CPU_ATTN layer cache, as vLLM's CPU backend views them."""
+    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
+    return key_cache, value_cache
+
+
+def _token_view(cache_half: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A `[num_blocks, block_size, kv_heads, head]` view (no copy) of one cache half."""
+    num_blocks, heads, block_size, head_size = cache_half.shape
+    if transposed:
+        return cache_half.view(num_blocks, heads, head_size, block_size).permute(0, 3, 1, 2)
+    return cache_half.permute(0, 2, 1, 3)
+
+
+@dataclass(frozen=True)
+class CpuKVLayout:
+    key_transposed: bool
+    value_transposed: bool
+
+    def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor,
+               seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of one request's first `seq_len` tokens, each `[seq_len, kv_heads, head]`."""
+        key_cache, value_cache = split_kv_cache(kv_cache)
+        keys = _token_view(key_cache, self.key_transposed)[block_ids]
+        values = _token_view(value_cache, self.value_transposed)[block_ids]
+        return keys.flatten(0, 1)[:seq_len], values.flatten(0, 1)[:seq_len]
+
+    def write(self, key_cache: torch.Tensor, value_cache: torch.Tensor, first_block: int, keys: torch.Tensor,
+              values: torch.Tensor) -> None:
+        """Writes `[n, kv_heads, head]` keys/values into consecutive blocks starting at `first_block`."""
+        block_size = key_cache.shape[2]
+        full, rest = divmod(keys.shape[0], block_size)
+        for half, tokens, transposed in ((key_cache, keys, self.key_transposed),
+                                         (value_cache, values, self.value_transposed)):
+            view = _token_view(half, transposed)
+            if full:
+                view[first_block:first_block + full].copy_(tokens[: full * block_size].unflatten(0, (full, -1)))
+            if rest:
+                view[first_block + full, :rest].copy_(tokens[full * block_size:])
+
+
+@functools.cache
+def probe(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> CpuKVLayout | None:
+    """The layout `cpu_attn_reshape_and_cache` writes with this ISA, or None if unrecognized."""
+    from vllm import _custom_ops as ops
+
+    num_kv_heads = 2
+    kv_cache = torch.zeros(1, num_kv_heads, block_size, 2 * head_size, dtype=dtype)
+    key_cache, value_cache = split_kv_cache(kv_cache)
+    pattern = torch.arange(block_size * num_kv_heads * head_size, dtype=torch.float32) % 251
+    keys = pattern.reshape(block_size, num_kv_heads, head_size).to(dtype)
+    values = -keys
+    try:
+        ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, torch.arange(block_size), isa)
+    except RuntimeError:
+        return None
+    block_ids = torch.zeros(1, dtype=torch.long)
+    for key_transposed in (True, False):
+        for value_transposed in (False, True):
+            layout = CpuKVLayout(key_transposed, value_transposed)
+            got_keys, got_values = layout.gather(kv_cache, block_ids, block_size)
+            if torch.equal(got_keys, keys) and torch.equal(got_values, values):
+                return layout
+    return None
