@@ -8,7 +8,7 @@ from hypothesis import given, settings
 
 from pfa_cases import make_qkv, problems
 from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention, reference_npu_prompt_flash_attention
-from vllm_pfa.ops import api, fast_path, vllm_cpu_kernel
+from vllm_pfa.ops import api, fast_path, sdpa_path, vllm_cpu_kernel
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -39,6 +39,33 @@ def test_blockwise_path_matches_reference(case):
     finally:
         vllm_cpu_kernel.plan = original
     _assert_matches_reference(q, k, v, kwargs, actual)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(dtypes=FLOAT_DTYPES, head_dims=(16, 32, 64), max_seq=40))
+def test_sdpa_path_matches_reference(case):
+    """The SDPA delegation (normally for 4096+ tokens) on small problems: its threshold lowered to 1."""
+    q, k, v, kwargs = case
+    original = sdpa_path.MIN_SEQ
+    sdpa_path.MIN_SEQ = 1
+    try:
+        actual = npu_prompt_flash_attention(q, k, v, **kwargs)
+    finally:
+        sdpa_path.MIN_SEQ = original
+    _assert_matches_reference(q, k, v, kwargs, actual)
+
+
+def test_long_square_causal_prefill_goes_to_sdpa(monkeypatch):
+    calls = []
+    monkeypatch.setattr(sdpa_path, "run", lambda *a, _run=sdpa_path.run: calls.append(1) or _run(*a))
+    q, k, v = make_qkv("BSND", 2, 4, 2, 4096, 4096, 32, torch.bfloat16)
+    kwargs = _causal_kwargs(4, 2, 32, actual_seq_lengths=[4096, 1000], actual_seq_lengths_kv=[4096, 1000])
+    out = npu_prompt_flash_attention(q, k, v, **kwargs)
+    assert calls
+    _assert_matches_reference(q, k, v, kwargs, out)
+    kwargs["actual_seq_lengths_kv"] = [4096, 1200]  # not square: bottom-right alignment is not SDPA's
+    npu_prompt_flash_attention(q, k, v, **kwargs)
+    assert len(calls) == 1
 
 
 def _causal_kwargs(heads, kv_heads, dim, **extra):

@@ -1,0 +1,74 @@
+"""The Ascend adapter's platform-independent parts, on CPU: vllm-ascend's cache layout and the shared PFA prefill.
+
+The vllm-ascend subclasses themselves (`vllm_pfa.backend.ascend_attn`) need vllm_ascend and torch_npu, which cannot
+be installed here (CANN); that module is skipped below with the reason, and the code it runs for prefill is what
+these tests exercise.
+"""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from vllm.platforms.cpu import CpuPlatform
+
+from test_backend import BATCHES, BLOCK_SIZE, HEAD_SIZE, HEADS, KV_HEADS, _make_batch, _run
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadataBuilder
+from vllm_pfa.backend import ascend_kv
+from vllm_pfa.backend.prefill import mask_arguments, plan_prefill, run_prefill
+from vllm_pfa.ops import cpu_kv_layout
+from vllm_pfa_patches.platform import ascend_attn_backend_selection
+
+
+def _ascend_cache_from_cpu_cache(kv_cache: torch.Tensor, layout) -> torch.Tensor:
+    """The same K/V, block for block, in vllm-ascend's (2, num_blocks, block_size, kv_heads, head) layout."""
+    num_blocks = kv_cache.shape[0]
+    all_blocks = torch.arange(num_blocks)
+    keys, values = layout.gather(kv_cache, all_blocks, num_blocks * BLOCK_SIZE)
+    return torch.stack([keys, values]).unflatten(1, (num_blocks, BLOCK_SIZE))
+
+
+def test_gather_reads_blocks_in_table_order():
+    cache = torch.randn(2, 6, BLOCK_SIZE, KV_HEADS, HEAD_SIZE)
+    blocks = torch.tensor([4, 1, 5])
+    keys, values = ascend_kv.gather(cache, blocks, 2 * BLOCK_SIZE + 3)
+    assert torch.equal(keys[BLOCK_SIZE + 2], cache[0, 1, 2]) and torch.equal(values[2 * BLOCK_SIZE], cache[1, 5, 0])
+    keys_pair, _ = ascend_kv.gather((cache[0], cache[1]), blocks, 10)
+    assert torch.equal(keys_pair, keys[:10])
+
+
+@pytest.mark.parametrize("batch", ["mixed", "prefills_with_context", "fresh_prefills"])
+def test_prefill_over_ascend_cache_layout_matches_cpu_attn(batch):
+    requests = BATCHES[batch]
+    expected = _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, torch.float32, requests)
+    layout = cpu_kv_layout.probe("vec", torch.float32, BLOCK_SIZE, HEAD_SIZE)
+    query, key, value, kv_cache, common = _make_batch(requests, torch.float32, "vec")
+    ascend_cache = _ascend_cache_from_cpu_cache(kv_cache, layout)
+    first = sum(1 for q, _ in requests if q == 1)
+    query_start = common.query_start_loc_cpu.tolist()
+    plan = plan_prefill(first=first, num_reqs=len(requests), token_start=query_start[first],
+                        query_start=query_start, seq_lens_host=common.seq_lens.tolist(),
+                        block_table=common.block_table_tensor, block_size=BLOCK_SIZE, device=torch.device("cpu"),
+                        gather=ascend_kv.gather)
+    output = torch.full_like(query, float("nan"))
+    run_prefill(query, key, value, ascend_cache, plan, output, num_heads=HEADS, num_kv_heads=KV_HEADS,
+                head_size=HEAD_SIZE, scale=1 / math.sqrt(HEAD_SIZE), mask_args=mask_arguments(None))
+    rows = slice(query_start[first], None)
+    torch.testing.assert_close(output[rows], expected[rows], atol=1e-5, rtol=1e-5)
+
+
+def test_ascend_patch_is_inert_without_vllm_ascend():
+    if importlib.util.find_spec("vllm_ascend") is not None:
+        pytest.skip("vllm_ascend is installed: the inert case does not apply")
+    cpu_selection = CpuPlatform.get_attn_backend_cls
+    assert ascend_attn_backend_selection.apply() is False
+    assert CpuPlatform.get_attn_backend_cls == cpu_selection
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm_ascend") is None,
+                    reason="vllm-ascend (needs CANN and an NPU) is not installable on this machine")
+def test_ascend_backend_module_imports():
+    from vllm_pfa.backend.ascend_attn import PFAAscendAttentionBackend
+
+    assert PFAAscendAttentionBackend.get_name() == "PFA"

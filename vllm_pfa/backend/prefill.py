@@ -1,0 +1,124 @@
+"""The platform-independent half of the PFA backend: planning a step's prefill (builder side, once per step) and
+running it through `npu_prompt_flash_attention` (impl side, once per layer).
+
+A platform adapter supplies only how to read a request's K/V back from its paged cache (`KVGather`).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from vllm_pfa.backend.stats import STATS
+from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention
+
+# PFA's layout for vLLM's token-major [tokens, heads, head_size] tensors: with one prefill request BSND is a
+# zero-copy view (B = 1); BNSD would need a transpose copy of q, k and v, and BSH is BSND with the last two axes
+# merged (no cheaper). Several requests are padded to the longest one.
+PFA_LAYOUT = "BSND"
+CAUSAL_SPARSE_MODE = 3  # rightDownCausal: new rows sit at the end of each request's kv sequence
+BAND_SPARSE_MODE = 4  # sliding window: the band measured from the bottom-right corner
+
+# (kv_cache, block_ids, seq_len) -> keys, values of the request's first seq_len tokens, each [seq_len, kv_heads, D]
+KVGather = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class PFAPrefillPlan:
+    """Everything the PFA call of one step needs, shared by all layers."""
+
+    token_start: int  # first prefill token in the batch (decodes come first)
+    num_tokens: int
+    query_lens: list[int]  # actual_seq_lengths
+    seq_lens: list[int]  # actual_seq_lengths_kv: context + new tokens
+    query_starts: list[int]  # per request, relative to token_start
+    context_block_ids: list[torch.Tensor | None]  # per request: blocks to gather, None for a fresh prefill
+    max_query_len: int
+    max_seq_len: int
+    atten_mask: torch.Tensor  # the cached compressed causal mask
+    gather: KVGather | None  # reads K/V back from this group's cache (None: layout not readable)
+    packed_rows: torch.Tensor | None  # row of each new token in the padded [B * max_query_len] layout; None if B == 1
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def has_context(self) -> bool:
+        return any(ids is not None for ids in self.context_block_ids)
+
+
+def has_cached_context(first: int, num_reqs: int, query_start: list[int], seq_lens: list[int]) -> bool:
+    return any(seq_lens[r] > query_start[r + 1] - query_start[r] for r in range(first, num_reqs))
+
+
+def plan_prefill(*, first: int, num_reqs: int, token_start: int, query_start: list[int], seq_lens_host: list[int],
+                 block_table: torch.Tensor, block_size: int, device: torch.device,
+                 gather: KVGather | None) -> PFAPrefillPlan:
+    """The plan for requests [first, num_reqs), from host-side lengths only."""
+    requests = range(first, num_reqs)
+    query_lens = [query_start[r + 1] - query_start[r] for r in requests]
+    seq_lens = [seq_lens_host[r] for r in requests]
+    context_block_ids = [
+        block_table[r, : -(-seq_lens_host[r] // block_size)].to(torch.long) if seq > q else None
+        for r, q, seq in zip(requests, query_lens, seq_lens)
+    ]
+    max_query_len = max(query_lens)
+    packed_rows = None
+    if len(query_lens) > 1:
+        packed_rows = torch.cat([torch.arange(n) + i * max_query_len for i, n in enumerate(query_lens)]).to(device)
+    return PFAPrefillPlan(
+        token_start=token_start, num_tokens=sum(query_lens), query_lens=query_lens, seq_lens=seq_lens,
+        query_starts=[query_start[r] - token_start for r in requests], context_block_ids=context_block_ids,
+        max_query_len=max_query_len, max_seq_len=max(seq_lens), atten_mask=compressed_causal_mask(device),
+        gather=gather, packed_rows=packed_rows,
+    )
+
+
+def mask_arguments(sliding_window: int | None) -> dict:
+    """PFA's mask arguments for a layer: causal, or for a window of W keys (vLLM: j > i - W) the bottom-right band
+    with pre_tokens = W - 1, next_tokens = 0."""
+    if sliding_window is None or sliding_window < 0:
+        return dict(sparse_mode=CAUSAL_SPARSE_MODE)
+    return dict(sparse_mode=BAND_SPARSE_MODE, pre_tokens=sliding_window - 1, next_tokens=0)
+
+
+def _pack(tokens: torch.Tensor, plan: PFAPrefillPlan) -> torch.Tensor:
+    """[T, heads, D] new tokens -> [B, max_query_len, heads, D] (BSND), padded on the right."""
+    if plan.packed_rows is None:
+        return tokens.contiguous().unsqueeze(0)
+    packed = tokens.new_zeros(plan.num_requests * plan.max_query_len, *tokens.shape[1:])
+    packed[plan.packed_rows] = tokens
+    return packed.view(plan.num_requests, plan.max_query_len, *tokens.shape[1:])
+
+
+def _key_values(key, value, kv_cache, plan: PFAPrefillPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, max_seq_len, kv_heads, D] keys and values: new tokens, or context + new gathered from the cache."""
+    if not plan.has_context:
+        return _pack(key, plan), _pack(value, plan)
+    keys = key.new_zeros(plan.num_requests, plan.max_seq_len, *key.shape[1:])
+    values = torch.zeros_like(keys)
+    for i, (start, n, seq_len, block_ids) in enumerate(
+            zip(plan.query_starts, plan.query_lens, plan.seq_lens, plan.context_block_ids)):
+        if block_ids is None:
+            keys[i, :n], values[i, :n] = key[start:start + n], value[start:start + n]
+        else:
+            keys[i, :seq_len], values[i, :seq_len] = plan.gather(kv_cache, block_ids, seq_len)
+            STATS.context_tokens += seq_len - n
+    return keys, values
+
+
+def run_prefill(query, key, value, kv_cache, plan: PFAPrefillPlan, output, *, num_heads: int, num_kv_heads: int,
+                head_size: int, scale: float, mask_args: dict) -> None:
+    """One PFA call for the step's prefill tokens; results land in their rows of `output` ([tokens, heads, D])."""
+    rows = slice(plan.token_start, plan.token_start + plan.num_tokens)
+    keys, values = _key_values(key[rows], value[rows], kv_cache, plan)
+    out = npu_prompt_flash_attention(
+        _pack(query[rows], plan), keys, values, num_heads=num_heads, num_key_value_heads=num_kv_heads,
+        scale_value=scale, input_layout=PFA_LAYOUT, atten_mask=plan.atten_mask, actual_seq_lengths=plan.query_lens,
+        actual_seq_lengths_kv=plan.seq_lens, **mask_args,
+    )
+    out = out.view(-1, num_heads, head_size)
+    output[rows] = out if plan.packed_rows is None else out[plan.packed_rows]
+    STATS.prefill_calls += 1
+    STATS.prefill_tokens += plan.num_tokens
