@@ -58,8 +58,8 @@ def test_sdpa_path_matches_reference(case):
 def test_long_square_causal_prefill_goes_to_sdpa(monkeypatch):
     calls = []
     monkeypatch.setattr(sdpa_path, "run", lambda *a, _run=sdpa_path.run: calls.append(1) or _run(*a))
-    q, k, v = make_qkv("BSND", 2, 4, 2, 4096, 4096, 32, torch.bfloat16)
-    kwargs = _causal_kwargs(4, 2, 32, actual_seq_lengths=[4096, 1000], actual_seq_lengths_kv=[4096, 1000])
+    q, k, v = make_qkv("BSND", 2, 2, 1, 4096, 4096, 128, torch.bfloat16)
+    kwargs = _causal_kwargs(2, 1, 128, actual_seq_lengths=[4096, 1000], actual_seq_lengths_kv=[4096, 1000])
     out = npu_prompt_flash_attention(q, k, v, **kwargs)
     assert calls
     _assert_matches_reference(q, k, v, kwargs, out)

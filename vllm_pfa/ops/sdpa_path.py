@@ -1,8 +1,8 @@
 """Square causal (and unmasked) PFA problems on long sequences, delegated to torch's SDPA.
 
-Measured here (benchmarks/bench_op.py, 2 cores): for S >= 4096 torch's CPU flash-attention kernel behind
-`scaled_dot_product_attention` is as fast as or faster than vLLM's CPU attention kernel (bf16/fp16, D=128: 1.06x at
-4096, 1.09x at 8192), and it needs no repaging. SDPA's `is_causal` aligns the diagonal to the top-left, which
+Measured here (benchmarks/bench_op.py, 2 cores): on long sequences torch's CPU flash-attention kernel behind
+`scaled_dot_product_attention` is faster than vLLM's CPU attention kernel (bf16/fp16, D=128: 1.06x at 4096, 1.09x
+at 8192; D=64: even at 4096, 1.01-1.05x at 8192), and it needs no repaging. SDPA's `is_causal` aligns the diagonal to the top-left, which
 equals PFA's bottom-right alignment (sparse_mode 2 and 3) only when a batch's query and key lengths are equal, so
 only such problems come here.
 """
@@ -12,12 +12,13 @@ import torch
 from vllm_pfa.ops.layout import from_bnsd, to_bnsd
 from vllm_pfa.ops.validation import PFAProblem
 
-MIN_SEQ = 4096
+MIN_SEQ = 4096  # for head_dim >= 128; smaller heads from twice that
 
 
 def handles(problem: PFAProblem, dtype: torch.dtype, *, has_pse: bool, has_mask: bool) -> bool:
     p = problem
-    if has_pse or dtype not in (torch.float16, torch.bfloat16, torch.float32) or max(p.actual_q) < MIN_SEQ:
+    min_seq = MIN_SEQ if p.head_dim >= 128 else 2 * MIN_SEQ
+    if has_pse or dtype not in (torch.float16, torch.bfloat16, torch.float32) or max(p.actual_q) < min_seq:
         return False
     if p.sparse_mode == 0 and not has_mask:
         return True
