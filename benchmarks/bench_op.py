@@ -1,8 +1,9 @@
 """The PFA operator's CPU path against vLLM's CPU attention kernel and torch SDPA, causal prefill, one run.
 
 Every shape is timed for all implementations back to back, so the ratios compare like with like on a noisy
-machine. The anchor is `cpu_attention_with_kv_cache` on a cache already paged (block size 128, vLLM's CPU default):
-what vLLM's CPU_ATTN backend pays per prefill. PFA gets dense BSND tensors, as the PFA backend passes them.
+machine. The anchor is `cpu_attention_with_kv_cache` on a cache already paged (block size 128, vLLM's CPU default),
+writing a freshly allocated output as vLLM's Attention layer does: what the CPU_ATTN backend pays per prefill
+layer (its cache write is paid by both backends). PFA gets dense BSND tensors, as the PFA backend passes them.
 
     python benchmarks/bench_op.py [--quick] [--out benchmarks/results]
 """
@@ -66,9 +67,9 @@ def vllm_kernel_call(q, k, v, lens, scale):
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     metadata = ops.cpu_attn_get_scheduler_metadata(batch, heads, kv_heads, dim, seq_lens, q.dtype, query_start_loc,
                                                    True, -1, isa, envs.VLLM_CPU_ATTN_SPLIT_KV)
-    out = torch.empty_like(tokens)
 
     def run():
+        out = torch.empty_like(tokens)  # vLLM's Attention layer allocates its output on every call, as here
         ops.cpu_attention_with_kv_cache(tokens, key_cache, value_cache, out, query_start_loc, seq_lens, scale, True,
                                         None, -1, block_table, 0.0, metadata, None)
     return run
