@@ -7,6 +7,7 @@ inputs and the exact reference for int8. The op has a fake implementation, so it
 """
 
 import importlib
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -78,8 +79,7 @@ def _validate(query, key, value, kwargs: dict) -> PFAProblem:
     return validate(query, key, value, **checked)
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=())
-def _prompt_flash_attention_op(
+def _prompt_flash_attention_impl(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -101,6 +101,7 @@ def _prompt_flash_attention_op(
     actual_seq_lengths_kv: list[int] | None = None,
     sparse_mode: int = 0,
 ) -> torch.Tensor:
+    """The op's CPU (and any non-NPU) implementation; its signature is the op's schema."""
     kwargs = dict(locals())
     del kwargs["query"], kwargs["key"], kwargs["value"]
     problem = _validate(query, key, value, kwargs)
@@ -116,25 +117,25 @@ def _prompt_flash_attention_op(
     )
 
 
+_OP_SIGNATURE = inspect.signature(_prompt_flash_attention_impl)
+_prompt_flash_attention_op = torch.library.custom_op(OP_NAME, mutates_args=())(_prompt_flash_attention_impl)
+
+
 @_prompt_flash_attention_op.register_fake
-def _prompt_flash_attention_fake(query, key, value, pse_shift=None, padding_mask=None, atten_mask=None,
-                                 actual_seq_lengths=None, deq_scale1=None, quant_scale1=None, deq_scale2=None,
-                                 quant_scale2=None, quant_offset2=None, num_heads=1, scale_value=1.0,
-                                 pre_tokens=DEFAULT_PRE_TOKENS, next_tokens=0, input_layout="BSH",
-                                 num_key_value_heads=0, actual_seq_lengths_kv=None, sparse_mode=0):
-    kwargs = dict(locals())
-    del kwargs["query"], kwargs["key"], kwargs["value"]
-    problem = _validate(query, key, value, kwargs)
+def _prompt_flash_attention_fake(*args, **kwargs):
+    """Output shape and dtype only, after the same validation as the real implementation."""
+    bound = _OP_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    query, key, value = (bound.arguments.pop(name) for name in ("query", "key", "value"))
+    problem = _validate(query, key, value, bound.arguments)
     return query.new_empty(problem.out_shape, dtype=problem.out_dtype)
 
 
 def reference_npu_prompt_flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                          **kwargs) -> torch.Tensor:
     """The exact reference behind the same signature (validation included): the test oracle, on CPU tensors."""
-    full = dict(pse_shift=None, padding_mask=None, atten_mask=None, actual_seq_lengths=None, deq_scale1=None,
-                quant_scale1=None, deq_scale2=None, quant_scale2=None, quant_offset2=None, num_heads=1,
-                scale_value=1.0, pre_tokens=DEFAULT_PRE_TOKENS, next_tokens=0, input_layout="BSH",
-                num_key_value_heads=0, actual_seq_lengths_kv=None, sparse_mode=0)
+    full = {name: param.default for name, param in inspect.signature(npu_prompt_flash_attention).parameters.items()
+            if param.kind == inspect.Parameter.KEYWORD_ONLY}
     unknown = set(kwargs) - set(full)
     if unknown:
         raise TypeError(f"npu_prompt_flash_attention: unexpected keyword arguments {sorted(unknown)}")
