@@ -1,6 +1,6 @@
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast bench-op bench-e2e
+.PHONY: setup demo test test-fast bench-op bench-e2e profile-backend
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -19,3 +19,6 @@ bench-op: setup
 
 bench-e2e: setup
 	$(PY) benchmarks/bench_e2e.py
+
+profile-backend: setup
+	$(PY) benchmarks/profile_backend.py

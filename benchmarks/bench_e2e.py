@@ -32,7 +32,7 @@ def run_bench(model: str, backend: str, workload: dict, dtype: str) -> dict:
     cmd = [VLLM, "bench", "throughput", "--model", model, "--attention-backend", backend, "--dtype", dtype,
            "--input-len", str(workload["input_len"]), "--output-len", str(workload["output_len"]),
            "--num-prompts", str(workload["num_prompts"]), "--gpu-memory-utilization", "0.3",
-           "--max-model-len", str(workload["input_len"] + workload["output_len"] + 64), "--seed", "0",
+           "--max-model-len", "4096", "--seed", "0",
            "--max-num-batched-tokens", "4096"]
     start = time.time()
     done = threading.Event()

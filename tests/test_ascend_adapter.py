@@ -25,17 +25,22 @@ def _ascend_cache_from_cpu_cache(kv_cache: torch.Tensor, layout) -> torch.Tensor
     """The same K/V, block for block, in vllm-ascend's (2, num_blocks, block_size, kv_heads, head) layout."""
     num_blocks = kv_cache.shape[0]
     all_blocks = torch.arange(num_blocks)
-    keys, values = layout.gather(kv_cache, all_blocks, num_blocks * BLOCK_SIZE)
-    return torch.stack([keys, values]).unflatten(1, (num_blocks, BLOCK_SIZE))
+    tokens = torch.empty(2, num_blocks * BLOCK_SIZE, KV_HEADS, HEAD_SIZE, dtype=kv_cache.dtype)
+    layout.gather(kv_cache, all_blocks, num_blocks * BLOCK_SIZE, tokens[0], tokens[1])
+    return tokens.unflatten(1, (num_blocks, BLOCK_SIZE))
 
 
 def test_gather_reads_blocks_in_table_order():
     cache = torch.randn(2, 6, BLOCK_SIZE, KV_HEADS, HEAD_SIZE)
     blocks = torch.tensor([4, 1, 5])
-    keys, values = ascend_kv.gather(cache, blocks, 2 * BLOCK_SIZE + 3)
+    seq_len = 2 * BLOCK_SIZE + 3
+    keys, values = (torch.full((seq_len + 4, KV_HEADS, HEAD_SIZE), float("nan")) for _ in range(2))
+    ascend_kv.gather(cache, blocks, seq_len, keys, values)
     assert torch.equal(keys[BLOCK_SIZE + 2], cache[0, 1, 2]) and torch.equal(values[2 * BLOCK_SIZE], cache[1, 5, 0])
-    keys_pair, _ = ascend_kv.gather((cache[0], cache[1]), blocks, 10)
-    assert torch.equal(keys_pair, keys[:10])
+    assert torch.equal(keys[:seq_len], cache[0, blocks].flatten(0, 1)[:seq_len]) and keys[seq_len:].isnan().all()
+    keys_pair, values_pair = torch.empty(10, KV_HEADS, HEAD_SIZE), torch.empty(10, KV_HEADS, HEAD_SIZE)
+    ascend_kv.gather((cache[0], cache[1]), blocks, 10, keys_pair, values_pair)
+    assert torch.equal(keys_pair, keys[:10]) and torch.equal(values_pair, values[:10])
 
 
 @pytest.mark.parametrize("batch", ["mixed", "prefills_with_context", "fresh_prefills"])

@@ -160,7 +160,8 @@ def test_cache_layout_round_trips_through_vllm_reshape_and_cache(dtype, block_si
     keys = torch.randn(seq_len, KV_HEADS, head_size).to(dtype)
     values = torch.randn(seq_len, KV_HEADS, head_size).to(dtype)
     ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa)
-    got_keys, got_values = layout.gather(kv_cache, blocks, seq_len)
+    got_keys, got_values = torch.full_like(keys, float("nan")), torch.full_like(values, float("nan"))
+    layout.gather(kv_cache, blocks, seq_len, got_keys, got_values)
     assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
 
     by_vllm = torch.zeros(num_blocks, KV_HEADS, block_size, 2 * head_size, dtype=dtype)

@@ -113,11 +113,15 @@ def test_blockwise_long_masked_rows_bounded():
     assert fast_path._block_rows(1, 8) == fast_path.MAX_BLOCK_ROWS
 
 
-def test_int8_and_quantized_output_go_to_reference():
-    assert not fast_path.handles(torch.zeros(1, dtype=torch.int8), None)
-    assert not fast_path.handles(torch.zeros(1, dtype=torch.bfloat16), torch.ones(1))
-    assert fast_path.handles(torch.zeros(1, dtype=torch.bfloat16), None)
-    assert api.reference_prompt_flash_attention is not None
+def test_int8_and_quantized_output_go_to_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(api, "reference_prompt_flash_attention",
+                        lambda *a, _ref=api.reference_prompt_flash_attention, **kw: calls.append(1) or _ref(*a, **kw))
+    q, k, v = make_qkv("BSND", 1, 2, 2, 4, 4, 32, torch.bfloat16)
+    npu_prompt_flash_attention(q, k, v, num_heads=2, input_layout="BSND")
+    assert not calls  # float in, float out: the fast path
+    npu_prompt_flash_attention(q, k, v, num_heads=2, input_layout="BSND", quant_scale2=torch.ones(1))
+    assert len(calls) == 1  # int8 output: the reference
 
 
 def test_spec_example():
@@ -161,3 +165,20 @@ def test_actual_lengths_accept_tensors():
                                            actual_seq_lengths_kv=torch.tensor([7]), **kw)
     torch.testing.assert_close(as_list, as_tensor)
     assert not as_list[0, 3:].any()  # rows past the actual length are 0
+
+
+@pytest.mark.parametrize("mode", [0, 3])
+@pytest.mark.parametrize("implementation", ["fast", "reference"])
+def test_padding_past_actual_lengths_is_never_read(mode, implementation):
+    """Rows past actual_seq_lengths(_kv) may hold anything (the backend leaves them uninitialized): even NaN."""
+    q, k, v = make_qkv("BSND", 2, 4, 2, 12, 20, 64, torch.float32)
+    kwargs = _causal_kwargs(4, 2, 64, actual_seq_lengths=[12, 5], actual_seq_lengths_kv=[20, 9])
+    kwargs["sparse_mode"] = mode
+    if mode == 0:
+        kwargs.pop("atten_mask")
+    call = npu_prompt_flash_attention if implementation == "fast" else reference_npu_prompt_flash_attention
+    clean = call(q, k, v, **kwargs)
+    q[1, 5:], k[1, 9:], v[1, 9:] = float("nan"), float("nan"), float("nan")
+    poisoned = call(q, k, v, **kwargs)
+    assert not poisoned.isnan().any()
+    torch.testing.assert_close(poisoned, clean)

@@ -7,9 +7,11 @@ rows, so a request's tokens are its blocks in block-table order.
 
 import torch
 
+from vllm_pfa.ops.cpu_kv_layout import copy_tokens
 
-def gather(kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor], block_ids: torch.Tensor,
-           seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of one request's first `seq_len` tokens, each `[seq_len, kv_heads, head]`."""
-    key_cache, value_cache = kv_cache[0], kv_cache[1]
-    return key_cache[block_ids].flatten(0, 1)[:seq_len], value_cache[block_ids].flatten(0, 1)[:seq_len]
+
+def gather(kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor], block_ids: torch.Tensor, seq_len: int,
+           keys_out: torch.Tensor, values_out: torch.Tensor) -> None:
+    """Writes one request's first `seq_len` keys and values into `[>= seq_len, kv_heads, head]` outputs."""
+    for cache, out in zip((kv_cache[0], kv_cache[1]), (keys_out, values_out)):
+        copy_tokens(cache.index_select(0, block_ids), seq_len, out)

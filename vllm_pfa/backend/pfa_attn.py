@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
+from torch.profiler import record_function
 
 from vllm.config import VllmConfig
 from vllm.v1.attention.backend import AttentionLayer, AttentionType, CommonAttentionMetadata
@@ -148,8 +149,9 @@ class PFAAttentionImpl(CPUAttentionBackendImpl):
             return output
         split = attn_metadata.num_existing_path_tokens
         if attn_metadata.existing_path is not None:
-            super().forward(layer, query[:split], key[:split], value[:split], kv_cache,
-                            attn_metadata.existing_path, output[:split])
+            with record_function("pfa_backend.existing_path"):
+                super().forward(layer, query[:split], key[:split], value[:split], kv_cache,
+                                attn_metadata.existing_path, output[:split])
             STATS.decode_tokens += split
         if attn_metadata.prefill is not None:
             run_prefill(query, key, value, kv_cache, attn_metadata.prefill, output, num_heads=self.num_heads,

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from vllm_pfa.backend.stats import STATS
 from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention
@@ -19,8 +20,9 @@ PFA_LAYOUT = "BSND"
 CAUSAL_SPARSE_MODE = 3  # rightDownCausal: new rows sit at the end of each request's kv sequence
 BAND_SPARSE_MODE = 4  # sliding window: the band measured from the bottom-right corner
 
-# (kv_cache, block_ids, seq_len) -> keys, values of the request's first seq_len tokens, each [seq_len, kv_heads, D]
-KVGather = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+# (kv_cache, block_ids, seq_len, keys_out, values_out): writes the request's first seq_len keys and values
+# into outputs of shape [>= seq_len, kv_heads, D]
+KVGather = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -32,12 +34,11 @@ class PFAPrefillPlan:
     query_lens: list[int]  # actual_seq_lengths
     seq_lens: list[int]  # actual_seq_lengths_kv: context + new tokens
     query_starts: list[int]  # per request, relative to token_start
-    context_block_ids: list[torch.Tensor | None]  # per request: blocks to gather, None for a fresh prefill
+    context_block_ids: list[torch.Tensor | None]  # per request: blocks of its cached context, None if fresh
     max_query_len: int
     max_seq_len: int
     atten_mask: torch.Tensor  # the cached compressed causal mask
     gather: KVGather | None  # reads K/V back from this group's cache (None: layout not readable)
-    packed_rows: torch.Tensor | None  # row of each new token in the padded [B * max_query_len] layout; None if B == 1
 
     @property
     def num_requests(self) -> int:
@@ -60,18 +61,14 @@ def plan_prefill(*, first: int, num_reqs: int, token_start: int, query_start: li
     query_lens = [query_start[r + 1] - query_start[r] for r in requests]
     seq_lens = [seq_lens_host[r] for r in requests]
     context_block_ids = [
-        block_table[r, : -(-seq_lens_host[r] // block_size)].to(torch.long) if seq > q else None
+        block_table[r, : -(-(seq - q) // block_size)].to(torch.long) if seq > q else None
         for r, q, seq in zip(requests, query_lens, seq_lens)
     ]
-    max_query_len = max(query_lens)
-    packed_rows = None
-    if len(query_lens) > 1:
-        packed_rows = torch.cat([torch.arange(n) + i * max_query_len for i, n in enumerate(query_lens)]).to(device)
     return PFAPrefillPlan(
         token_start=token_start, num_tokens=sum(query_lens), query_lens=query_lens, seq_lens=seq_lens,
         query_starts=[query_start[r] - token_start for r in requests], context_block_ids=context_block_ids,
-        max_query_len=max_query_len, max_seq_len=max(seq_lens), atten_mask=compressed_causal_mask(device),
-        gather=gather, packed_rows=packed_rows,
+        max_query_len=max(query_lens), max_seq_len=max(seq_lens), atten_mask=compressed_causal_mask(device),
+        gather=gather,
     )
 
 
@@ -84,27 +81,30 @@ def mask_arguments(sliding_window: int | None) -> dict:
 
 
 def _pack(tokens: torch.Tensor, plan: PFAPrefillPlan) -> torch.Tensor:
-    """[T, heads, D] new tokens -> [B, max_query_len, heads, D] (BSND), padded on the right."""
-    if plan.packed_rows is None:
+    """[T, heads, D] new tokens -> [B, max_query_len, heads, D] (BSND), padded on the right.
+
+    The padding is left uninitialized: PFA never reads rows past actual_seq_lengths(_kv)."""
+    if plan.num_requests == 1:
         return tokens.contiguous().unsqueeze(0)
-    packed = tokens.new_zeros(plan.num_requests * plan.max_query_len, *tokens.shape[1:])
-    packed[plan.packed_rows] = tokens
-    return packed.view(plan.num_requests, plan.max_query_len, *tokens.shape[1:])
+    packed = tokens.new_empty(plan.num_requests, plan.max_query_len, *tokens.shape[1:])
+    for i, (start, n) in enumerate(zip(plan.query_starts, plan.query_lens)):
+        packed[i, :n] = tokens[start:start + n]
+    return packed
 
 
 def _key_values(key, value, kv_cache, plan: PFAPrefillPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, max_seq_len, kv_heads, D] keys and values: new tokens, or context + new gathered from the cache."""
+    """[B, max_seq_len, kv_heads, D] keys and values: cached context (gathered) followed by the new tokens."""
     if not plan.has_context:
         return _pack(key, plan), _pack(value, plan)
-    keys = key.new_zeros(plan.num_requests, plan.max_seq_len, *key.shape[1:])
-    values = torch.zeros_like(keys)
+    keys = key.new_empty(plan.num_requests, plan.max_seq_len, *key.shape[1:])  # padding: never read, as above
+    values = torch.empty_like(keys)
     for i, (start, n, seq_len, block_ids) in enumerate(
             zip(plan.query_starts, plan.query_lens, plan.seq_lens, plan.context_block_ids)):
-        if block_ids is None:
-            keys[i, :n], values[i, :n] = key[start:start + n], value[start:start + n]
-        else:
-            keys[i, :seq_len], values[i, :seq_len] = plan.gather(kv_cache, block_ids, seq_len)
-            STATS.context_tokens += seq_len - n
+        context = seq_len - n
+        if block_ids is not None:
+            plan.gather(kv_cache, block_ids, context, keys[i], values[i])
+            STATS.context_tokens += context
+        keys[i, context:seq_len], values[i, context:seq_len] = key[start:start + n], value[start:start + n]
     return keys, values
 
 
@@ -112,13 +112,19 @@ def run_prefill(query, key, value, kv_cache, plan: PFAPrefillPlan, output, *, nu
                 head_size: int, scale: float, mask_args: dict) -> None:
     """One PFA call for the step's prefill tokens; results land in their rows of `output` ([tokens, heads, D])."""
     rows = slice(plan.token_start, plan.token_start + plan.num_tokens)
-    keys, values = _key_values(key[rows], value[rows], kv_cache, plan)
-    out = npu_prompt_flash_attention(
-        _pack(query[rows], plan), keys, values, num_heads=num_heads, num_key_value_heads=num_kv_heads,
-        scale_value=scale, input_layout=PFA_LAYOUT, atten_mask=plan.atten_mask, actual_seq_lengths=plan.query_lens,
-        actual_seq_lengths_kv=plan.seq_lens, **mask_args,
-    )
-    out = out.view(-1, num_heads, head_size)
-    output[rows] = out if plan.packed_rows is None else out[plan.packed_rows]
+    with record_function("pfa_backend.pack_and_gather"):  # named ranges: benchmarks/profile_backend.py
+        keys, values = _key_values(key[rows], value[rows], kv_cache, plan)
+        packed_query = _pack(query[rows], plan)
+    with record_function("pfa_backend.operator"):
+        out = npu_prompt_flash_attention(
+            packed_query, keys, values, num_heads=num_heads, num_key_value_heads=num_kv_heads, scale_value=scale,
+            input_layout=PFA_LAYOUT, atten_mask=plan.atten_mask, actual_seq_lengths=plan.query_lens,
+            actual_seq_lengths_kv=plan.seq_lens, **mask_args,
+        )
+    with record_function("pfa_backend.unpack"):
+        out = out.view(plan.num_requests, -1, num_heads, head_size)
+        new_rows = output[rows]
+        for i, (start, n) in enumerate(zip(plan.query_starts, plan.query_lens)):
+            new_rows[start:start + n] = out[i, :n]
     STATS.prefill_calls += 1
     STATS.prefill_tokens += plan.num_tokens

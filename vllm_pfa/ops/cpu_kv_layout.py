@@ -30,18 +30,31 @@ def _token_view(cache_half: torch.Tensor, transposed: bool) -> torch.Tensor:
     return cache_half.permute(0, 2, 1, 3)
 
 
+def copy_tokens(blocks: torch.Tensor, seq_len: int, out: torch.Tensor) -> None:
+    """out[:seq_len] = the first `seq_len` tokens of `[n, block_size, kv_heads, head]` blocks (a view is fine)."""
+    block_size = blocks.shape[1]
+    full, rest = divmod(seq_len, block_size)
+    if full:
+        out[: full * block_size].view(full, block_size, *out.shape[1:]).copy_(blocks[:full])
+    if rest:
+        out[full * block_size: seq_len].copy_(blocks[full, :rest])
+
+
 @dataclass(frozen=True)
 class CpuKVLayout:
     key_transposed: bool
     value_transposed: bool
 
-    def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor,
-               seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of one request's first `seq_len` tokens, each `[seq_len, kv_heads, head]`."""
-        key_cache, value_cache = split_kv_cache(kv_cache)
-        keys = _token_view(key_cache, self.key_transposed)[block_ids]
-        values = _token_view(value_cache, self.value_transposed)[block_ids]
-        return keys.flatten(0, 1)[:seq_len], values.flatten(0, 1)[:seq_len]
+    def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int, keys_out: torch.Tensor,
+               values_out: torch.Tensor) -> None:
+        """Writes one request's first `seq_len` keys and values into `[>= seq_len, kv_heads, head]` outputs."""
+        for half, out, transposed in zip(split_kv_cache(kv_cache), (keys_out, values_out),
+                                         (self.key_transposed, self.value_transposed)):
+            blocks = half.index_select(0, block_ids)  # whole blocks: plain copies
+            if transposed:  # [head, block] interiors to [block, head]: a 2-D transpose pass beats one strided copy
+                num_blocks, heads, block_size, head_size = blocks.shape
+                blocks = blocks.view(num_blocks, heads, head_size, block_size).transpose(2, 3).contiguous()
+            copy_tokens(blocks.transpose(1, 2), seq_len, out)
 
     def write(self, key_cache: torch.Tensor, value_cache: torch.Tensor, first_block: int, keys: torch.Tensor,
               values: torch.Tensor) -> None:
@@ -52,7 +65,10 @@ class CpuKVLayout:
                                          (value_cache, values, self.value_transposed)):
             view = _token_view(half, transposed)
             if full:
-                view[first_block:first_block + full].copy_(tokens[: full * block_size].unflatten(0, (full, -1)))
+                blocks = tokens[: full * block_size].unflatten(0, (full, -1))  # [full, block, heads, head]
+                if transposed:  # head-major first, then a 2-D transpose pass (faster than one strided copy)
+                    blocks = blocks.transpose(1, 2).contiguous().transpose(1, 2)
+                view[first_block:first_block + full].copy_(blocks)
             if rest:
                 view[first_block + full, :rest].copy_(tokens[full * block_size:])
 
@@ -76,7 +92,8 @@ def probe(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> CpuK
     for key_transposed in (True, False):
         for value_transposed in (False, True):
             layout = CpuKVLayout(key_transposed, value_transposed)
-            got_keys, got_values = layout.gather(kv_cache, block_ids, block_size)
+            got_keys, got_values = torch.empty_like(keys), torch.empty_like(values)
+            layout.gather(kv_cache, block_ids, block_size, got_keys, got_values)
             if torch.equal(got_keys, keys) and torch.equal(got_values, values):
                 return layout
     return None

@@ -2,8 +2,9 @@
 
 Square causal and unmasked problems of 4096+ tokens go to torch's SDPA (`sdpa_path`); other causal (modes 2/3,
 mode 4 with next_tokens = 0) and unmasked mode-0 problems go to vLLM's CPU attention kernel (`vllm_cpu_kernel`):
-each is the fastest measured where it is used (benchmarks/bench_op.py). Everything else float runs `blockwise_prompt_flash_attention`: query rows in blocks, each
-block reading only the key range its rows can keep, so no S1 x S2 matrix is built and fully masked work is skipped.
+each is the fastest measured where it is used (benchmarks/bench_op.py). Everything else float runs
+`blockwise_prompt_flash_attention`: query rows in blocks, each block reading only the key range its rows can keep,
+so no S1 x S2 matrix is built and fully masked work is skipped.
 """
 
 import torch

@@ -46,14 +46,15 @@ def reference_prompt_flash_attention(query, key, value, problem: PFAProblem, *, 
     v = to_bnsd(value, p.layout, p.num_kv_heads)
     out = torch.zeros(p.batch, p.num_heads, p.q_seq, p.head_dim, dtype=torch.float32, device=query.device)
     rows = torch.arange(p.q_seq, device=query.device)
-    cols = torch.arange(p.kv_seq, device=query.device)
     for b in range(p.batch):
+        akv = p.actual_kv[b]  # keys past the actual length are excluded: never read (padding may hold anything)
+        cols = torch.arange(akv, device=query.device)
         mask = batch_mask(atten_mask, b)
-        mask = None if mask is None or p.sparse_mode >= 2 else mask[: p.q_seq, : p.kv_seq]
-        keep = keep_block(p.sparse_mode, rows, cols, p.actual_q[b], p.actual_kv[b], p.pre_tokens, p.next_tokens, mask)
-        kb = k[b].repeat_interleave(p.group_size, dim=0)  # query head n reads kv head n // group
-        vb = v[b].repeat_interleave(p.group_size, dim=0)
-        pse = None if pse_shift is None else pse_shift[b if pse_shift.shape[0] > 1 else 0, :, : p.q_seq, : p.kv_seq]
+        mask = None if mask is None or p.sparse_mode >= 2 else mask[: p.q_seq, :akv]
+        keep = keep_block(p.sparse_mode, rows, cols, p.actual_q[b], akv, p.pre_tokens, p.next_tokens, mask)
+        kb = k[b, :, :akv].repeat_interleave(p.group_size, dim=0)  # query head n reads kv head n // group
+        vb = v[b, :, :akv].repeat_interleave(p.group_size, dim=0)
+        pse = None if pse_shift is None else pse_shift[b if pse_shift.shape[0] > 1 else 0, :, : p.q_seq, :akv]
         if query.dtype == torch.int8:
             out[b] = _int8_attention(
                 q[b], kb, vb, keep, p.scale_value, pse,

@@ -67,6 +67,13 @@ def plan(problem: PFAProblem, dtype: torch.dtype, *, has_pse: bool, has_mask: bo
     return KernelPlan(causal=causal, sliding_window=window, kv_lens=kv_lens)
 
 
+def _vllm_ops():
+    """vLLM's op wrappers, imported on first use: the operator itself does not need vLLM."""
+    from vllm import _custom_ops
+
+    return _custom_ops
+
+
 def _isa(dtype: torch.dtype, head_dim: int) -> str:
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
@@ -100,13 +107,6 @@ def _paged_cache(key_tokens, value_tokens, kv_lens: list[int], isa: str):
     for row, (start, count) in enumerate(zip(first_block, blocks)):
         block_table[row, :count] = torch.arange(start, start + count, dtype=torch.int32)
     return key_cache, value_cache, block_table
-
-
-def _vllm_ops():
-    """vLLM's op wrappers, imported on first use: the operator itself does not need vLLM."""
-    from vllm import _custom_ops
-
-    return _custom_ops
 
 
 def run(query, key, value, problem: PFAProblem, kernel_plan: KernelPlan) -> torch.Tensor:

@@ -1,0 +1,115 @@
+"""Where a prefill step's attention time goes in the PFA backend: metadata build, pack/gather, the operator
+(its kernel, and its own repaging), unpack. Attention layer of the benchmark model's shape (32 query heads, 8 kv
+heads, head_dim 128, bf16), real vLLM builders and cache, torch.profiler ranges.
+
+    python benchmarks/profile_backend.py [--out benchmarks/results]
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.profiler import profile, record_function
+
+from vllm import _custom_ops as ops
+from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from vllm_pfa.backend.pfa_attn import PFAAttentionImpl, PFAMetadataBuilder
+from vllm_pfa.model_builder import SPECS, build_model
+from vllm_pfa.ops import cpu_kv_layout
+
+BLOCK_SIZE = 128
+SCENARIOS = {  # (query_len, seq_len) per request, decodes first
+    "fresh prefill 2048": [(2048, 2048)],
+    "chunk 512 after 1536 cached": [(512, 2048)],
+    "mixed: 8 decodes + 2 prefills": [(1, 700)] * 8 + [(1000, 1000), (300, 1300)],
+}
+RANGES = ("build", "pfa_backend.pack_and_gather", "pfa_backend.operator", "pfa_backend.unpack",
+          "_C::cpu_attention_with_kv_cache", "pfa_backend.existing_path")
+
+
+def _batch(requests, spec, isa):
+    gen = torch.Generator().manual_seed(0)
+    blocks = [-(-s // BLOCK_SIZE) for _, s in requests]
+    kv_cache = torch.zeros(sum(blocks), spec.num_key_value_heads, BLOCK_SIZE, 2 * spec.head_dim, dtype=torch.bfloat16)
+    key_cache, value_cache = cpu_kv_layout.split_kv_cache(kv_cache)
+    table = torch.zeros(len(requests), max(blocks), dtype=torch.int32)
+    q, k, v, slots = [], [], [], []
+    for r, ((n, s), b) in enumerate(zip(requests, blocks)):
+        table[r, :b] = torch.arange(sum(blocks[:r]), sum(blocks[:r]) + b)
+        all_slots = torch.arange(s) + sum(blocks[:r]) * BLOCK_SIZE
+        keys = torch.randn(s, spec.num_key_value_heads, spec.head_dim, generator=gen).bfloat16()
+        values = torch.randn(s, spec.num_key_value_heads, spec.head_dim, generator=gen).bfloat16()
+        ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, all_slots, isa)
+        q.append(torch.randn(n, spec.num_attention_heads, spec.head_dim, generator=gen).bfloat16())
+        k.append(keys[s - n:])
+        v.append(values[s - n:])
+        slots.append(all_slots[s - n:])
+    lens = [n for n, _ in requests]
+    qsl = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    common = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
+        seq_lens=torch.tensor([s for _, s in requests], dtype=torch.int32), num_reqs=len(requests),
+        num_actual_tokens=sum(lens), max_query_len=max(lens), max_seq_len=max(s for _, s in requests),
+        block_table_tensor=table, slot_mapping=torch.cat(slots))
+    return torch.cat(q), torch.cat(k), torch.cat(v), kv_cache, common
+
+
+def profile_scenario(requests, config, spec, repeats=5) -> dict:
+    kv_spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=spec.num_key_value_heads,
+                                head_size=spec.head_dim, dtype=torch.bfloat16)
+    builder = PFAMetadataBuilder(kv_spec, [], config, torch.device("cpu"))
+    impl = PFAAttentionImpl(spec.num_attention_heads, spec.head_dim, 1 / math.sqrt(spec.head_dim),
+                            spec.num_key_value_heads, None, None, "auto")
+    layer = SimpleNamespace(isa=builder.isa, _k_scale_float=1.0, _v_scale_float=1.0)
+    query, key, value, kv_cache, common = _batch(requests, spec, builder.isa)
+    output = torch.empty_like(query)
+
+    def step():
+        with record_function("step"):
+            with record_function("build"):
+                metadata = builder.build(0, common)
+            impl.forward(layer, query, key, value, kv_cache, metadata, output)
+
+    step()
+    with profile() as prof:
+        for _ in range(repeats):
+            step()
+    totals = {e.key: e.cpu_time_total / repeats / 1e3 for e in prof.key_averages()}
+    step_ms = totals["step"]
+    parts = {name: totals.get(name, 0.0) for name in RANGES}
+    overhead = parts["build"] + parts["pfa_backend.pack_and_gather"] + parts["pfa_backend.unpack"]
+    return dict(step_ms=step_ms, parts_ms=parts, backend_overhead_ms=overhead,
+                backend_overhead_share=overhead / step_ms)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    spec = SPECS["bench"]
+    config = VllmConfig(model_config=ModelConfig(model=str(build_model("bench")), dtype="bfloat16"),
+                        cache_config=CacheConfig(block_size=BLOCK_SIZE))
+    results = {}
+    with set_current_vllm_config(config):
+        for name, requests in SCENARIOS.items():
+            print(f"profiling: {name} ...", file=sys.stderr, flush=True)
+            r = results[name] = profile_scenario(requests, config, spec)
+            p = r["parts_ms"]
+            print(f"{name:32s} step {r['step_ms']:7.2f} ms | build {p['build']:.2f} | pack+gather "
+                  f"{p['pfa_backend.pack_and_gather']:.2f} | operator {p['pfa_backend.operator']:.2f} (kernel "
+                  f"{p['_C::cpu_attention_with_kv_cache']:.2f}, decode included) | decode {p['pfa_backend.existing_path']:.2f} | unpack {p['pfa_backend.unpack']:.2f} ms | "
+                  f"backend overhead {100 * r['backend_overhead_share']:.1f}%", flush=True)
+    (args.out / "profile_backend.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out / 'profile_backend.json'}")
+
+
+if __name__ == "__main__":
+    main()
