@@ -15,14 +15,12 @@ from types import SimpleNamespace
 import torch
 from torch.profiler import profile, record_function
 
-from vllm import _custom_ops as ops
 from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
-from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_pfa.backend.pfa_attn import PFAAttentionImpl, PFAMetadataBuilder
 from vllm_pfa.model_builder import SPECS, build_model
-from vllm_pfa.ops import cpu_kv_layout
+from vllm_pfa.testing import make_paged_batch
 
 BLOCK_SIZE = 128
 SCENARIOS = {  # (query_len, seq_len) per request, decodes first
@@ -34,33 +32,6 @@ RANGES = ("build", "pfa_backend.pack_and_gather", "pfa_backend.operator", "pfa_b
           "_C::cpu_attention_with_kv_cache", "pfa_backend.existing_path")
 
 
-def _batch(requests, spec, isa):
-    gen = torch.Generator().manual_seed(0)
-    blocks = [-(-s // BLOCK_SIZE) for _, s in requests]
-    kv_cache = torch.zeros(sum(blocks), spec.num_key_value_heads, BLOCK_SIZE, 2 * spec.head_dim, dtype=torch.bfloat16)
-    key_cache, value_cache = cpu_kv_layout.split_kv_cache(kv_cache)
-    table = torch.zeros(len(requests), max(blocks), dtype=torch.int32)
-    q, k, v, slots = [], [], [], []
-    for r, ((n, s), b) in enumerate(zip(requests, blocks)):
-        table[r, :b] = torch.arange(sum(blocks[:r]), sum(blocks[:r]) + b)
-        all_slots = torch.arange(s) + sum(blocks[:r]) * BLOCK_SIZE
-        keys = torch.randn(s, spec.num_key_value_heads, spec.head_dim, generator=gen).bfloat16()
-        values = torch.randn(s, spec.num_key_value_heads, spec.head_dim, generator=gen).bfloat16()
-        ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, all_slots, isa)
-        q.append(torch.randn(n, spec.num_attention_heads, spec.head_dim, generator=gen).bfloat16())
-        k.append(keys[s - n:])
-        v.append(values[s - n:])
-        slots.append(all_slots[s - n:])
-    lens = [n for n, _ in requests]
-    qsl = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    common = CommonAttentionMetadata(
-        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
-        seq_lens=torch.tensor([s for _, s in requests], dtype=torch.int32), num_reqs=len(requests),
-        num_actual_tokens=sum(lens), max_query_len=max(lens), max_seq_len=max(s for _, s in requests),
-        block_table_tensor=table, slot_mapping=torch.cat(slots))
-    return torch.cat(q), torch.cat(k), torch.cat(v), kv_cache, common
-
-
 def profile_scenario(requests, config, spec, repeats=5) -> dict:
     kv_spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=spec.num_key_value_heads,
                                 head_size=spec.head_dim, dtype=torch.bfloat16)
@@ -68,7 +39,9 @@ def profile_scenario(requests, config, spec, repeats=5) -> dict:
     impl = PFAAttentionImpl(spec.num_attention_heads, spec.head_dim, 1 / math.sqrt(spec.head_dim),
                             spec.num_key_value_heads, None, None, "auto")
     layer = SimpleNamespace(isa=builder.isa, _k_scale_float=1.0, _v_scale_float=1.0)
-    query, key, value, kv_cache, common = _batch(requests, spec, builder.isa)
+    batch = make_paged_batch(requests, num_heads=spec.num_attention_heads, num_kv_heads=spec.num_key_value_heads,
+                             head_size=spec.head_dim, block_size=BLOCK_SIZE, dtype=torch.bfloat16, isa=builder.isa)
+    query, key, value, kv_cache, common = batch.query, batch.key, batch.value, batch.kv_cache, batch.metadata
     output = torch.empty_like(query)
 
     def step():

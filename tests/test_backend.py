@@ -13,15 +13,14 @@ import torch
 
 from vllm import _custom_ops as ops
 from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
-from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadataBuilder
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from vllm_pfa.ops import cpu_kv_layout
 from vllm_pfa.backend.pfa_attn import PFAAttentionImpl, PFAMetadataBuilder
 from vllm_pfa.backend.stats import STATS
 from vllm_pfa.model_builder import build_model
-from vllm_pfa.ops import compressed_causal_mask
+from vllm_pfa.ops import compressed_causal_mask, cpu_kv_layout
+from vllm_pfa.testing import make_paged_batch
 
 # the model config (tiny: 4 heads over 2 kv heads, head 64) sizes the CPU kernel scratchpad: match it
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 4, 2, 64, 32
@@ -48,38 +47,10 @@ def _spec(dtype):
     return FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype=dtype)
 
 
-def _make_batch(requests, dtype, isa, seed=0):
-    """Random q/k/v, a paged cache holding every token's K/V (context and new), and the common metadata."""
-    gen = torch.Generator().manual_seed(seed)
-    blocks_per_req = [-(-seq // BLOCK_SIZE) for _, seq in requests]
-    num_blocks = sum(blocks_per_req) + 3
-    block_ids = torch.randperm(num_blocks, generator=gen)  # scattered blocks, as a real allocator leaves them
-    block_table = torch.zeros(len(requests), max(blocks_per_req), dtype=torch.int32)
-    kv_cache = torch.zeros(num_blocks, KV_HEADS, BLOCK_SIZE, 2 * HEAD_SIZE, dtype=dtype)
-    key_cache, value_cache = cpu_kv_layout.split_kv_cache(kv_cache)
-    queries, new_keys, new_values, new_slots = [], [], [], []
-    used = 0
-    for r, ((q_len, seq_len), n_blocks) in enumerate(zip(requests, blocks_per_req)):
-        block_table[r, :n_blocks] = block_ids[used:used + n_blocks].to(torch.int32)
-        used += n_blocks
-        slots = torch.tensor([int(block_table[r, j // BLOCK_SIZE]) * BLOCK_SIZE + j % BLOCK_SIZE
-                              for j in range(seq_len)])
-        keys = torch.randn(seq_len, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype)
-        values = torch.randn(seq_len, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype)
-        ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa)
-        queries.append(torch.randn(q_len, HEADS, HEAD_SIZE, generator=gen).to(dtype))
-        new_keys.append(keys[seq_len - q_len:])
-        new_values.append(values[seq_len - q_len:])
-        new_slots.append(slots[seq_len - q_len:])
-    query_lens = [q for q, _ in requests]
-    query_start_loc = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    metadata = CommonAttentionMetadata(
-        query_start_loc=query_start_loc, query_start_loc_cpu=query_start_loc.clone(),
-        seq_lens=torch.tensor([s for _, s in requests], dtype=torch.int32), num_reqs=len(requests),
-        num_actual_tokens=sum(query_lens), max_query_len=max(query_lens), max_seq_len=max(s for _, s in requests),
-        block_table_tensor=block_table, slot_mapping=torch.cat(new_slots),
-    )
-    return torch.cat(queries), torch.cat(new_keys), torch.cat(new_values), kv_cache, metadata
+def _make_batch(requests, dtype, isa):
+    batch = make_paged_batch(requests, num_heads=HEADS, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE,
+                             block_size=BLOCK_SIZE, dtype=dtype, isa=isa)
+    return batch.query, batch.key, batch.value, batch.kv_cache, batch.metadata
 
 
 def _run(builder_cls, impl_cls, dtype, requests, sliding_window=None, configure=None):
