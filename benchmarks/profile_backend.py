@@ -78,7 +78,8 @@ def main() -> None:
             p = r["parts_ms"]
             print(f"{name:32s} step {r['step_ms']:7.2f} ms | build {p['build']:.2f} | pack+gather "
                   f"{p['pfa_backend.pack_and_gather']:.2f} | operator {p['pfa_backend.operator']:.2f} (kernel "
-                  f"{p['_C::cpu_attention_with_kv_cache']:.2f}, decode included) | decode {p['pfa_backend.existing_path']:.2f} | unpack {p['pfa_backend.unpack']:.2f} ms | "
+                  f"{p['_C::cpu_attention_with_kv_cache']:.2f}, decode included) | decode "
+                  f"{p['pfa_backend.existing_path']:.2f} | unpack {p['pfa_backend.unpack']:.2f} ms | "
                   f"backend overhead {100 * r['backend_overhead_share']:.1f}%", flush=True)
     (args.out / "profile_backend.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out / 'profile_backend.json'}")

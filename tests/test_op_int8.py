@@ -32,7 +32,8 @@ def test_trans_quant_param_packs_like_torch_npu():
 
 
 def transcription(q, k, v, scale, deq1, qs1, deq2, causal, qs2=None, qo2=None):
-    """BNSD int8, one element at a time: S=fp16(int32(QK)*deq1)*scale; P8=rne(exp(S-max)*qs1); O=fp16(int32(P8 V)*deq2)/sum."""
+    """BNSD int8, one element at a time:
+    S = fp16(int32(QK) * deq1) * scale; P8 = rne(exp(S - max) * qs1); O = fp16(int32(P8 V) * deq2) / sum."""
     batch, heads, sq, dim = q.shape
     kv_heads, skv = k.shape[1], k.shape[2]
     out = torch.zeros(batch, heads, sq, dim, dtype=torch.float32)

@@ -2,9 +2,9 @@
 
 Measured here (benchmarks/bench_op.py, 2 cores): on long sequences torch's CPU flash-attention kernel behind
 `scaled_dot_product_attention` is faster than vLLM's CPU attention kernel (bf16/fp16, D=128: 1.06x at 4096, 1.09x
-at 8192; D=64: even at 4096, 1.01-1.05x at 8192), and it needs no repaging. SDPA's `is_causal` aligns the diagonal to the top-left, which
-equals PFA's bottom-right alignment (sparse_mode 2 and 3) only when a batch's query and key lengths are equal, so
-only such problems come here.
+at 8192; D=64: even at 4096, 1.01-1.05x at 8192), and it needs no repaging. SDPA's `is_causal` aligns the diagonal
+to the top-left, which equals PFA's bottom-right alignment (sparse_mode 2 and 3) only when a batch's query and key
+lengths are equal, so only such problems come here.
 """
 
 import torch

@@ -117,7 +117,8 @@ def _check_qkv(query, key, value, layout: str, num_heads: int, num_key_value_hea
     if key.shape != value.shape:
         raise fail("value.shape", list(value.shape), f"must equal key.shape = {list(key.shape)}")
     if layout == "BSH" and query.shape[2] % num_heads:
-        raise fail("query.shape", list(query.shape), f"H = {query.shape[2]} must be divisible by num_heads = {num_heads}")
+        raise fail("query.shape", list(query.shape),
+                   f"H = {query.shape[2]} must be divisible by num_heads = {num_heads}")
     batch, n, q_seq, head_dim = dims(query.shape, layout, num_heads)
     if layout != "BSH" and n != num_heads:
         raise fail("num_heads", num_heads, f"must equal query's N axis = {n} for input_layout {layout}")

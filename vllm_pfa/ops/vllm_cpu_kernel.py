@@ -91,7 +91,8 @@ def _paged_cache(key_tokens, value_tokens, kv_lens: list[int], isa: str):
     num_kv_heads, head_dim = key_tokens.shape[1:]
     blocks = [-(-n // KV_BLOCK_SIZE) for n in kv_lens]
     first_block = [sum(blocks[:i]) for i in range(len(blocks))]
-    kv_cache = torch.empty(sum(blocks), num_kv_heads, KV_BLOCK_SIZE, 2 * head_dim, dtype=key_tokens.dtype)  # vLLM's shape
+    # vLLM's cache shape: [num_blocks, kv_heads, block_size, 2 * head_dim]
+    kv_cache = torch.empty(sum(blocks), num_kv_heads, KV_BLOCK_SIZE, 2 * head_dim, dtype=key_tokens.dtype)
     # The kernel reads whole blocks: the unused tail of a last block must be finite (0), not garbage (NaN * 0).
     kv_cache[[f + c - 1 for f, c, n in zip(first_block, blocks, kv_lens) if n % KV_BLOCK_SIZE]] = 0
     key_cache, value_cache = split_kv_cache(kv_cache)
