@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from plotting import grouped_bars
 from vllm_pfa.model_builder import build_model
 
 VLLM = str(Path(sys.executable).parent / "vllm")
@@ -55,22 +56,11 @@ def run_bench(model: str, backend: str, workload: dict, dtype: str) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     names = list(results)
-    for i, backend in enumerate(BACKENDS):
-        ax.bar([x + (i - 0.5) * 0.38 for x in range(len(names))],
-               [results[n][backend]["total_tokens_per_s"] for n in names], 0.38, label=backend)
-    ax.set_xticks(range(len(names)), [f"{n}\n(PFA/CPU_ATTN {results[n]['ratio']:.2f}x)" for n in names])
-    ax.set_ylabel("total tokens/s")
-    ax.set_title("vllm bench throughput, benchmark model (32/8 heads, D=128)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    grouped_bars(path, [f"{n}\n(PFA/CPU_ATTN {results[n]['ratio']:.2f}x)" for n in names],
+                 {b: [results[n][b]["total_tokens_per_s"] for n in names] for b in BACKENDS},
+                 ylabel="total tokens/s", figsize=(7, 4.5),
+                 title="vllm bench throughput, benchmark model (32/8 heads, D=128)")
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from vllm import _custom_ops as ops
 from vllm import envs
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+from plotting import grouped_bars
 from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention, reference_npu_prompt_flash_attention
 
 ANCHOR_BLOCK_SIZE = 128
@@ -128,23 +129,10 @@ def label(r: dict) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = ["pfa", "vllm_cpu_kernel", "sdpa"]
-    fig, ax = plt.subplots(figsize=(max(10, len(results) * 0.45), 6))
-    width = 0.27
-    for i, name in enumerate(names):
-        ax.bar([x + (i - 1) * width for x in range(len(results))], [r["gflops"][name] for r in results], width,
-               label=name)
-    ax.set_xticks(range(len(results)), [label(r) for r in results], rotation=75, ha="right", fontsize=7)
-    ax.set_ylabel("GFLOP/s (causal FLOPs)")
-    ax.set_title("Causal prefill attention on CPU: PFA vs vLLM CPU kernel vs torch SDPA")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    grouped_bars(path, [label(r) for r in results], {n: [r["gflops"][n] for r in results] for n in names},
+                 ylabel="GFLOP/s (causal FLOPs)", figsize=(max(10, len(results) * 0.45), 6), label_rotation=75,
+                 title="Causal prefill attention on CPU: PFA vs vLLM CPU kernel vs torch SDPA")
 
 
 def main() -> None:
