@@ -30,6 +30,7 @@ from vllm_pfa.ops import cpu_kv_layout
 
 logger = init_logger(__name__)
 
+
 class PFAAttentionBackend(CPUAttentionBackend):
     """Same KV cache, block sizes and dtypes as vLLM's CPU backend; decoder attention only."""
 

@@ -131,11 +131,16 @@ def _prompt_flash_attention_fake(*args, **kwargs):
     return query.new_empty(problem.out_shape, dtype=problem.out_dtype)
 
 
+_PUBLIC_DEFAULTS = {
+    name: param.default for name, param in inspect.signature(npu_prompt_flash_attention).parameters.items()
+    if param.kind == inspect.Parameter.KEYWORD_ONLY
+}
+
+
 def reference_npu_prompt_flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                          **kwargs) -> torch.Tensor:
     """The exact reference behind the same signature (validation included): the test oracle, on CPU tensors."""
-    full = {name: param.default for name, param in inspect.signature(npu_prompt_flash_attention).parameters.items()
-            if param.kind == inspect.Parameter.KEYWORD_ONLY}
+    full = dict(_PUBLIC_DEFAULTS)
     unknown = set(kwargs) - set(full)
     if unknown:
         raise TypeError(f"npu_prompt_flash_attention: unexpected keyword arguments {sorted(unknown)}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_pfa.ops.cpu_kv_layout import probe, split_kv_cache
-from vllm_pfa.ops.layout import to_bnsd
+from vllm_pfa.ops.layout import from_bnsd, to_bnsd
 from vllm_pfa.ops.validation import PFAProblem
 
 KV_BLOCK_SIZE = 128
@@ -145,6 +145,4 @@ def run(query, key, value, problem: PFAProblem, kernel_plan: KernelPlan) -> torc
         if not direct:
             for b, start, end in zip(active, query_start_loc[:-1].tolist(), query_start_loc[1:].tolist()):
                 out[b, : end - start] = result[start:end]
-    if p.layout == "BNSD":
-        return out.transpose(1, 2).contiguous()
-    return out.flatten(2) if p.layout == "BSH" else out
+    return from_bnsd(out.transpose(1, 2), p.layout)  # BSND/BSH: no copy, `out` already has that memory order
