@@ -7,14 +7,18 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 stamp=.venv/.vllm-pfa-installed
-want=$(cat setup.cfg pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
+want=$(cat setup.cfg setup.py pyproject.toml scripts/bootstrap.sh vllm_pfa/csrc/*.cpp | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 echo "[bootstrap] creating .venv and installing vllm-pfa (first run takes a few minutes)"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[test,bench]"
+# The native kernel (vllm_pfa._C) compiles against the pinned torch: install it and the build tools first, then
+# build without an isolated environment (which would fetch a second torch).
+.venv/bin/python -m pip install --quiet "torch==2.13.0" "setuptools==78.1.1" "wheel==0.48.0" "ninja==1.13.2"
+echo "[bootstrap] building the native CPU kernel (about a minute)"
+.venv/bin/python -m pip install --quiet --no-build-isolation -e ".[test,bench]"
 .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python -m vllm_pfa_patches.packaging.vllm_cli_distribution
 .venv/bin/python -c "import torch, vllm; print(f'[bootstrap] torch {torch.__version__}, vllm {vllm.__version__}')"

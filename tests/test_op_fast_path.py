@@ -1,6 +1,7 @@
-"""The fast path (vLLM CPU kernel delegation and the blockwise path) against the reference."""
+"""The fast path (native kernel, vLLM CPU kernel and SDPA delegation, blockwise path) against the reference."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from hypothesis import given, settings
 
 from pfa_cases import make_qkv, problems
 from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention, reference_npu_prompt_flash_attention
-from vllm_pfa.ops import api, fast_path, sdpa_path, vllm_cpu_kernel
+from vllm_pfa.ops import api, fast_path, native_kernel, sdpa_path, vllm_cpu_kernel
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -28,16 +29,28 @@ def test_fast_path_matches_reference(case):
     _assert_matches_reference(q, k, v, kwargs, npu_prompt_flash_attention(q, k, v, **kwargs))
 
 
+@pytest.fixture
+def without_native_kernel(monkeypatch):
+    """The routes taken where the native kernel is unavailable (no AVX-512, or not built)."""
+    monkeypatch.setattr(native_kernel, "plan", lambda *a, **kw: None)
+
+
+def _without(module, name, value, call):
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        return call()
+    finally:
+        setattr(module, name, original)
+
+
 @settings(max_examples=60, deadline=None)
 @given(problems(dtypes=FLOAT_DTYPES, head_dims=(32, 64), max_seq=40))
 def test_blockwise_path_matches_reference(case):
     q, k, v, kwargs = case
-    original = vllm_cpu_kernel.plan
-    vllm_cpu_kernel.plan = lambda *a, **kw: None  # force the blockwise path
-    try:
-        actual = npu_prompt_flash_attention(q, k, v, **kwargs)
-    finally:
-        vllm_cpu_kernel.plan = original
+    no_plan = lambda *a, **kw: None  # noqa: E731  (force the blockwise path)
+    actual = _without(native_kernel, "plan", no_plan, lambda: _without(
+        vllm_cpu_kernel, "plan", no_plan, lambda: npu_prompt_flash_attention(q, k, v, **kwargs)))
     _assert_matches_reference(q, k, v, kwargs, actual)
 
 
@@ -46,16 +59,80 @@ def test_blockwise_path_matches_reference(case):
 def test_sdpa_path_matches_reference(case):
     """The SDPA delegation (normally for 4096+ tokens) on small problems: its threshold lowered to 1."""
     q, k, v, kwargs = case
-    original = sdpa_path.MIN_SEQ
-    sdpa_path.MIN_SEQ = 1
-    try:
-        actual = npu_prompt_flash_attention(q, k, v, **kwargs)
-    finally:
-        sdpa_path.MIN_SEQ = original
+    actual = _without(native_kernel, "plan", lambda *a, **kw: None, lambda: _without(
+        sdpa_path, "MIN_SEQ", 1, lambda: npu_prompt_flash_attention(q, k, v, **kwargs)))
     _assert_matches_reference(q, k, v, kwargs, actual)
 
 
-def test_long_square_causal_prefill_goes_to_sdpa(monkeypatch):
+def _native_eligible(kwargs) -> bool:
+    return "pse_shift" not in kwargs and (kwargs["sparse_mode"] in (2, 3, 4) or
+                                          (kwargs["sparse_mode"] == 0 and "atten_mask" not in kwargs))
+
+
+@pytest.mark.skipif(not native_kernel.available(), reason="the native kernel needs an AVX-512 CPU and a built _C")
+@settings(max_examples=80, deadline=None)
+@given(problems(dtypes=FLOAT_DTYPES, head_dims=(16, 40, 64, 128), max_seq=300))
+def test_native_kernel_matches_reference(case):
+    """Lengths across the kernel's key blocks (256) and query blocks (96 rows / group), unaligned head dims."""
+    q, k, v, kwargs = case
+    calls = []
+    run = native_kernel.run
+    actual = _without(native_kernel, "run", lambda *a: calls.append(1) or run(*a),
+                      lambda: npu_prompt_flash_attention(q, k, v, **kwargs))
+    assert bool(calls) == _native_eligible(kwargs)
+    _assert_matches_reference(q, k, v, kwargs, actual)
+
+
+@pytest.mark.skipif(not native_kernel.available(), reason="the native kernel needs an AVX-512 CPU and a built _C")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("mode,extra", [
+    (3, {}),
+    (2, {}),
+    (4, {"pre_tokens": 100, "next_tokens": 0}),
+    (4, {"pre_tokens": 300, "next_tokens": 40}),
+    (0, {}),
+])
+def test_native_kernel_covers_prefill_shapes(dtype, mode, extra, monkeypatch):
+    """GQA prefill with chunk-like lengths (aq < akv), a batch with one row and one with more rows than keys."""
+    calls = []
+    monkeypatch.setattr(native_kernel, "run", lambda *a, _run=native_kernel.run: calls.append(1) or _run(*a))
+    q, k, v = make_qkv("BSND", 4, 8, 2, 300, 600, 128, dtype)
+    kwargs = _causal_kwargs(8, 2, 128, actual_seq_lengths=[300, 129, 1, 200],
+                            actual_seq_lengths_kv=[600, 256, 513, 100], **extra)
+    kwargs["sparse_mode"] = mode
+    if mode == 0:
+        kwargs.pop("atten_mask")
+    out = npu_prompt_flash_attention(q, k, v, **kwargs)
+    assert calls, "expected the native kernel"
+    _assert_matches_reference(q, k, v, kwargs, out)
+
+
+@pytest.mark.skipif(not native_kernel.available(), reason="the native kernel needs an AVX-512 CPU and a built _C")
+def test_native_kernel_rejects_inconsistent_arguments():
+    """The binding checks what it is given: an error, never a crash or a write out of bounds."""
+    from vllm_pfa import _C
+
+    q = torch.zeros(1, 2, 4, 16)
+    good = dict(q_lens=[4], kv_lens=[4], lo_offsets=[-8], hi_offsets=[0], scale=1.0)
+    with pytest.raises(RuntimeError, match="dtype"):
+        _C.prefill_attention(q, q.half(), q, torch.empty_like(q), **good)
+    with pytest.raises(RuntimeError, match="out of range"):
+        _C.prefill_attention(q, q, q, torch.empty_like(q), **dict(good, kv_lens=[5]))
+    with pytest.raises(RuntimeError, match="contiguous D"):
+        _C.prefill_attention(torch.zeros(1, 2, 16, 4).transpose(2, 3), q, q, torch.empty_like(q), **good)
+    with pytest.raises(RuntimeError, match="one q_len"):
+        _C.prefill_attention(q, q, q, torch.empty_like(q), **dict(good, q_lens=[4, 4]))
+
+
+def test_native_kernel_available_on_avx512_cpus():
+    """Where the CPU has AVX-512 the native kernel must load, or the fast path silently falls back."""
+    flags = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
+    if not all(f in flags.split() for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
+        pytest.skip("this CPU lacks AVX-512: the fallback routes are what runs here")
+    assert native_kernel.available()
+
+
+def test_long_square_causal_prefill_goes_to_sdpa(without_native_kernel, monkeypatch):
     calls = []
     monkeypatch.setattr(sdpa_path, "run", lambda *a, _run=sdpa_path.run: calls.append(1) or _run(*a))
     q, k, v = make_qkv("BSND", 2, 2, 1, 4096, 4096, 128, torch.bfloat16)
@@ -80,7 +157,7 @@ def _causal_kwargs(heads, kv_heads, dim, **extra):
     (4, {"pre_tokens": 100, "next_tokens": 0}),
     (0, {}),
 ])
-def test_kernel_delegation_covers_causal_shapes(dtype, mode, extra, monkeypatch):
+def test_kernel_delegation_covers_causal_shapes(dtype, mode, extra, without_native_kernel, monkeypatch):
     """The common prefill shapes take the vLLM CPU kernel and stay exact; block-boundary lengths included."""
     calls = []
     monkeypatch.setattr(vllm_cpu_kernel, "run", lambda *a, _run=vllm_cpu_kernel.run: calls.append(1) or _run(*a))

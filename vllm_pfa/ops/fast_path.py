@@ -1,15 +1,16 @@
 """The fast CPU path of PFA for float inputs.
 
-Square causal and unmasked problems of 4096+ tokens go to torch's SDPA (`sdpa_path`); other causal (modes 2/3,
-mode 4 with next_tokens = 0) and unmasked mode-0 problems go to vLLM's CPU attention kernel (`vllm_cpu_kernel`):
-each is the fastest measured where it is used (benchmarks/bench_op.py). Everything else float runs
-`blockwise_prompt_flash_attention`: query rows in blocks, each block reading only the key range its rows can keep,
-so no S1 x S2 matrix is built and fully masked work is skipped.
+Band-shaped problems (modes 0 without a mask, 2, 3, 4; no pse_shift) run the package's native AVX-512 kernel
+(`native_kernel`), the fastest measured on every causal shape (benchmarks/bench_op.py). Where it is not available
+(a CPU without AVX-512, or the extension not built), square causal and unmasked problems of 4096+ tokens go to
+torch's SDPA (`sdpa_path`) and other causal and unmasked problems to vLLM's CPU attention kernel
+(`vllm_cpu_kernel`). Everything else float runs `blockwise_prompt_flash_attention`: query rows in blocks, each
+block reading only the key range its rows can keep, so no S1 x S2 matrix is built and fully masked work is skipped.
 """
 
 import torch
 
-from vllm_pfa.ops import sdpa_path, vllm_cpu_kernel
+from vllm_pfa.ops import native_kernel, sdpa_path, vllm_cpu_kernel
 from vllm_pfa.ops.layout import from_bnsd, to_bnsd
 from vllm_pfa.ops.masks import batch_mask, key_range, keep_block
 from vllm_pfa.ops.validation import FLOAT_DTYPES, PFAProblem
@@ -27,9 +28,13 @@ def handles(query: torch.Tensor, quant_scale2: torch.Tensor | None) -> bool:
 def fast_prompt_flash_attention(query, key, value, problem: PFAProblem, *, pse_shift=None,
                                 atten_mask=None) -> torch.Tensor:
     features = dict(has_pse=pse_shift is not None, has_mask=atten_mask is not None)
+    on_cpu = query.device.type == "cpu"
+    bands = native_kernel.plan(problem, query.dtype, **features) if on_cpu else None
+    if bands is not None:
+        return native_kernel.run(query, key, value, problem, bands)
     if sdpa_path.handles(problem, query.dtype, **features):
         return sdpa_path.run(query, key, value, problem)
-    kernel_plan = vllm_cpu_kernel.plan(problem, query.dtype, **features)
+    kernel_plan = vllm_cpu_kernel.plan(problem, query.dtype, **features) if on_cpu else None
     if kernel_plan is not None:
         return vllm_cpu_kernel.run(query, key, value, problem, kernel_plan)
     return blockwise_prompt_flash_attention(query, key, value, problem, pse_shift=pse_shift, atten_mask=atten_mask)

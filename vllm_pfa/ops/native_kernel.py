@@ -1,0 +1,88 @@
+"""PFA problems for the package's native CPU prefill kernel (`vllm_pfa/csrc/prefill_attention.cpp`).
+
+The kernel is a flash-attention loop in AVX-512 over dense K/V, so PFA's inputs need no repaging. It computes
+every float problem whose kept keys form a band: query row i (< aq) keeps keys j in [i + lo, i + hi] within
+[0, akv), which covers
+- mode 0 without a mask: everything (pre/next_tokens apply only together with a mask);
+- mode 2: j <= i; mode 3: j <= i + (akv - aq);
+- mode 4: i + (akv - aq) - pre_tokens <= j <= i + (akv - aq) + next_tokens.
+Rows with no key, and rows past aq, are 0, as in PFA. Masks of modes 0/1 and pse_shift are left to the other paths.
+"""
+
+import functools
+
+import torch
+
+from vllm_pfa.log import init_logger
+from vllm_pfa.ops.layout import from_bnsd, to_bnsd
+from vllm_pfa.ops.validation import FLOAT_DTYPES, PFAProblem
+
+logger = init_logger(__name__)
+
+# Band offsets beyond any sequence length mean "unbounded"; clamped so the kernel's int64 arithmetic cannot overflow.
+_UNBOUNDED = 2**40
+
+
+@functools.cache
+def _extension():
+    """The compiled kernel module, or None where it is not built or this CPU lacks AVX-512 (logged once)."""
+    try:
+        from vllm_pfa import _C
+    except ImportError as exc:
+        logger.warning("vllm_pfa native CPU kernel not available (%s); PFA uses the slower CPU paths", exc)
+        return None
+    if not _C.cpu_supported():
+        logger.info("this CPU lacks AVX-512: PFA uses vLLM's CPU kernel or torch instead of the native kernel")
+        return None
+    return _C
+
+
+def available() -> bool:
+    return _extension() is not None
+
+
+def _clamp(offset: int) -> int:
+    return max(-_UNBOUNDED, min(_UNBOUNDED, offset))
+
+
+def plan(problem: PFAProblem, dtype: torch.dtype, *, has_pse: bool, has_mask: bool) -> list[tuple[int, int]] | None:
+    """Per batch (lo, hi) band offsets, or None when the problem is not a band the kernel computes."""
+    p = problem
+    if has_pse or dtype not in FLOAT_DTYPES or not available():
+        return None
+    bands = []
+    for aq, akv in zip(p.actual_q, p.actual_kv):
+        d = akv - aq
+        if p.sparse_mode == 0 and not has_mask:
+            bands.append((-_UNBOUNDED, _UNBOUNDED))
+        elif p.sparse_mode == 2:
+            bands.append((-_UNBOUNDED, 0))
+        elif p.sparse_mode == 3:
+            bands.append((-_UNBOUNDED, d))
+        elif p.sparse_mode == 4:
+            bands.append((_clamp(d - p.pre_tokens), _clamp(d + p.next_tokens)))
+        else:
+            return None
+    return bands
+
+
+def _contiguous_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The kernel reads rows of D elements; any other B/N/S strides are fine."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def run(query, key, value, problem: PFAProblem, bands: list[tuple[int, int]]) -> torch.Tensor:
+    p = problem
+    # The output is allocated in its final memory order, so `from_bnsd` below copies nothing.
+    if p.layout == "BNSD":
+        out = torch.empty(p.batch, p.num_heads, p.q_seq, p.head_dim, dtype=query.dtype)
+    else:
+        out = torch.empty(p.batch, p.q_seq, p.num_heads, p.head_dim, dtype=query.dtype).transpose(1, 2)
+    for b, aq in enumerate(p.actual_q):
+        if aq < p.q_seq:
+            out[b, :, aq:] = 0
+    q, k, v = (_contiguous_rows(to_bnsd(t, p.layout, heads)) for t, heads in
+               ((query, p.num_heads), (key, p.num_kv_heads), (value, p.num_kv_heads)))
+    _extension().prefill_attention(q, k, v, out, list(p.actual_q), list(p.actual_kv),
+        [lo for lo, _ in bands], [hi for _, hi in bands], p.scale_value)
+    return from_bnsd(out, p.layout)
