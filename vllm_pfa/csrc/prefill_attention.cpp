@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 
 #include <immintrin.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
@@ -170,13 +171,7 @@ void convert_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t kv_l
   const int64_t dp = p.padded_dim;
   const __m512i gather_index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                   _mm512_set1_epi32(static_cast<int>(dp)));
-  const int64_t row_bytes = p.head_dim * (p.type == ElementType::kFloat32 ? 4 : 2);
   for (int64_t tile = key_start; tile < key_end; tile += 16) {
-    // Rows of one head sit a whole token apart (BSND): prefetch the next tile, as the hardware will not.
-    for (int64_t j = 16; j < 32 && tile + j < kv_len; ++j) {
-      prefetch_row(at_element(p.k, p.type, batch * p.ks.batch + kv_head * p.ks.head + (tile + j) * p.ks.seq), row_bytes);
-      prefetch_row(at_element(p.v, p.type, batch * p.vs.batch + kv_head * p.vs.head + (tile + j) * p.vs.seq), row_bytes);
-    }
     for (int64_t j = 0; j < 16; ++j) {
       const int64_t key = tile + j;
       const bool live = key < kv_len;
@@ -362,6 +357,43 @@ Buffer allocate(int64_t floats) {
   return Buffer(ptr);
 }
 
+// The fp32 K/V copies, kept per calling thread between calls: a fresh multi-MB buffer each call costs a page
+// fault per 4 KiB (measured: MHA S=512 lost a fifth of its speed to them). Huge pages where the kernel allows.
+float* kv_scratch(int64_t floats) {
+  constexpr size_t kHugePage = size_t(2) << 20;
+  thread_local Buffer buffer;
+  thread_local int64_t capacity = 0;
+  if (floats > capacity) {
+    buffer.reset();
+    const size_t bytes = (static_cast<size_t>(floats) * sizeof(float) + kHugePage - 1) / kHugePage * kHugePage;
+    auto* ptr = static_cast<float*>(std::aligned_alloc(kHugePage, bytes));
+    TORCH_CHECK(ptr != nullptr, "vllm_pfa native kernel: out of memory for ", bytes, " bytes of scratch");
+    madvise(ptr, bytes, MADV_HUGEPAGE);  // advisory: ignored where unsupported
+    buffer.reset(ptr);
+    capacity = static_cast<int64_t>(bytes / sizeof(float));
+  }
+  return buffer.get();
+}
+
+// Per-thread scratch of one query block (reused between calls, like kv_scratch).
+const kernel::Scratch& block_scratch(int64_t rows, int64_t padded_dim) {
+  thread_local Buffer floats;
+  thread_local std::vector<int64_t> bounds;
+  thread_local kernel::Scratch scratch{};
+  thread_local int64_t shape[2] = {0, 0};
+  if (shape[0] != rows || shape[1] != padded_dim) {
+    const int64_t matrix = rows * std::max<int64_t>(padded_dim, kKeyBlock);
+    floats = allocate(3 * matrix + 3 * rows);
+    bounds.assign(3 * rows, 0);
+    float* f = floats.get();
+    scratch = {f, f + matrix, f + 2 * matrix, f + 3 * matrix, f + 3 * matrix + rows, f + 3 * matrix + 2 * rows,
+               bounds.data(), bounds.data() + rows, bounds.data() + 2 * rows, bounds.data() + 2 * rows + rows / 2};
+    shape[0] = rows;
+    shape[1] = padded_dim;
+  }
+  return scratch;
+}
+
 bool cpu_supported() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -430,73 +462,100 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     const int64_t key_start = std::min(band.row_lo(0), key_end) / 16 * 16;
     for (int64_t h = 0; h < kv_heads; ++h) units.push_back({b, h, key_start, (key_end + 15) / 16 * 16, band});
   }
-  // Units run in groups whose fp32 K/V copies fit a budget, so memory stays O(S * D) for any problem size;
-  // each group takes two parallel regions: convert K/V, then attend.
-  const int64_t budget_floats = int64_t(64) << 20 >> 2;
+  struct Item {
+    size_t unit;
+    int64_t begin, end;  // key tiles to convert, or query positions to attend
+    int64_t cost;        // blocks: rows x keys, to order them; conversions: the end of the unit range
+  };
+  auto query_blocks = [&](size_t u, std::vector<Item>& blocks) {
+    const BatchBand& band = units[u].band;
+    for (int64_t pos = 0; pos < band.q_len; pos += positions_per_block) {
+      const int64_t last = std::min(pos + positions_per_block, band.q_len);
+      blocks.push_back({u, pos, last, std::max<int64_t>(0, band.row_hi(last - 1) - band.row_lo(pos)) * (last - pos)});
+    }
+  };
+  // Heaviest items first, handed out dynamically: causal triangles and mixed lengths balance across threads.
+  auto run_dynamic = [](std::vector<Item>& items, auto&& work) {
+    std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+    std::atomic<size_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items.size()), 1, [&](int64_t, int64_t) {
+      for (size_t i = next++; i < items.size(); i = next++) work(items[i]);
+    });
+  };
+  auto attend = [&](const Item& item) {
+    const Unit& unit = units[item.unit];
+    kernel::attend_block(p, unit.band, unit.batch, unit.kv_head, item.begin, item.end - item.begin, unit.key_t,
+                         unit.value, block_scratch(scratch_rows, dp));
+  };
+  auto convert = [&](const Unit& unit, int64_t begin, int64_t end) {
+    kernel::convert_keys(p, unit.batch, unit.kv_head, unit.band.kv_len, begin, end, unit.key_t, unit.value);
+  };
+  auto unit_floats = [&](const Unit& unit) { return (unit.key_end + kKeyBlock) * dp; };
+
+  const int64_t threads = at::get_num_threads();
+  const auto n_units = static_cast<int64_t>(units.size());
+  if (n_units >= 2 * threads && (n_units % threads == 0 || n_units >= 8 * threads)) {
+    // Many units: each thread converts one unit's K/V into its own scratch and attends all its query blocks while
+    // the copy is hot in its L2. (Shared copies of many units stream through memory: MHA lost ~15% to that.)
+    std::vector<Item> work;
+    for (size_t u = 0; u < units.size(); ++u) {
+      std::vector<Item> blocks;
+      query_blocks(u, blocks);
+      int64_t cost = 0;
+      for (const Item& b : blocks) cost += b.cost;
+      work.push_back({u, 0, 0, cost});
+    }
+    run_dynamic(work, [&](const Item& item) {
+      Unit unit = units[item.unit];
+      unit.key_t = kv_scratch(2 * unit_floats(unit));
+      unit.value = unit.key_t + unit_floats(unit);
+      convert(unit, unit.key_start, unit.key_end);
+      std::vector<Item> blocks;
+      query_blocks(item.unit, blocks);
+      for (const Item& block : blocks) {
+        kernel::attend_block(p, unit.band, unit.batch, unit.kv_head, block.begin, block.end - block.begin,
+                             unit.key_t, unit.value, block_scratch(scratch_rows, dp));
+      }
+    });
+    return;
+  }
+  // Few units: all threads convert a group of units' K/V, then all attend its query blocks. Groups are bounded so
+  // memory stays O(S * D) for any problem size.
+  const int64_t budget_floats = int64_t(32) << 20 >> 2;  // 32 MiB
   for (size_t first_unit = 0; first_unit < units.size();) {
     size_t end_unit = first_unit;
     int64_t floats = 0;
     std::vector<int64_t> offsets;
     while (end_unit < units.size()) {
-      const int64_t need = 2 * (units[end_unit].key_end + kKeyBlock) * dp;
+      const int64_t need = 2 * unit_floats(units[end_unit]);
       if (end_unit > first_unit && floats + need > budget_floats) break;
       offsets.push_back(floats);
       floats += need;
       ++end_unit;
     }
-    Buffer kv_copy = allocate(floats);
-    struct Item {
-      size_t unit;
-      int64_t begin, end;  // key tiles to convert, or query positions to attend
-      int64_t cost;
-    };
+    float* kv_copy = kv_scratch(floats);
     std::vector<Item> conversions, blocks;
     for (size_t u = first_unit; u < end_unit; ++u) {
       Unit& unit = units[u];
-      const int64_t half = (unit.key_end + kKeyBlock) * dp;
-      unit.key_t = kv_copy.get() + offsets[u - first_unit];
-      unit.value = unit.key_t + half;
-      for (int64_t tile = unit.key_start; tile < unit.key_end; tile += 8 * 16) {
-        conversions.push_back({u, tile, std::min(tile + 8 * 16, unit.key_end), 0});
+      unit.key_t = kv_copy + offsets[u - first_unit];
+      unit.value = unit.key_t + unit_floats(unit);
+      // One conversion item: 8 key tiles of every head of this batch in the group, head-inner, so each token's
+      // K/V (contiguous in BSND) is read in one run.
+      if (u == first_unit || units[u - 1].batch != unit.batch) {
+        size_t heads_end = u;
+        while (heads_end < end_unit && units[heads_end].batch == unit.batch) ++heads_end;
+        for (int64_t tile = unit.key_start; tile < unit.key_end; tile += 8 * 16) {
+          conversions.push_back({u, tile, std::min(tile + 8 * 16, unit.key_end), int64_t(heads_end)});
+        }
       }
-      for (int64_t pos = 0; pos < unit.band.q_len; pos += positions_per_block) {
-        const int64_t last = std::min(pos + positions_per_block, unit.band.q_len);
-        const int64_t keys = std::max<int64_t>(0, unit.band.row_hi(last - 1) - unit.band.row_lo(pos));
-        blocks.push_back({u, pos, last, keys * (last - pos)});
-      }
+      query_blocks(u, blocks);
     }
-    // Heaviest blocks first, handed out dynamically: the causal triangle balances across threads.
-    std::stable_sort(blocks.begin(), blocks.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
-    auto run_dynamic = [](const std::vector<Item>& items, auto&& make_worker) {
-      std::atomic<size_t> next{0};
-      at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items.size()), 1, [&](int64_t, int64_t) {
-        auto worker = make_worker();
-        for (size_t i = next++; i < items.size(); i = next++) worker(items[i]);
-      });
-    };
-    run_dynamic(conversions, [&] {
-      return [&](const Item& item) {
-        const Unit& unit = units[item.unit];
-        kernel::convert_keys(p, unit.batch, unit.kv_head, unit.band.kv_len, item.begin, item.end, unit.key_t,
-                             unit.value);
-      };
-    });
-    run_dynamic(blocks, [&] {
-      auto scratch = std::make_shared<std::vector<Buffer>>();
-      for (int64_t floats : {scratch_rows * dp, scratch_rows * kKeyBlock, scratch_rows * dp, 3 * scratch_rows}) {
-        scratch->push_back(allocate(floats));
+    run_dynamic(conversions, [&](const Item& item) {
+      for (int64_t tile = item.begin; tile < item.end; tile += 16) {
+        for (size_t u = item.unit; u < size_t(item.cost); ++u) convert(units[u], tile, tile + 16);
       }
-      auto bounds = std::make_shared<std::vector<int64_t>>(3 * scratch_rows);
-      float* stats = (*scratch)[3].get();
-      kernel::Scratch s{(*scratch)[0].get(), (*scratch)[1].get(), (*scratch)[2].get(), stats, stats + scratch_rows,
-                        stats + 2 * scratch_rows, bounds->data(), bounds->data() + scratch_rows,
-                        bounds->data() + 2 * scratch_rows, bounds->data() + 2 * scratch_rows + scratch_rows / 2};
-      return [&, scratch, bounds, s](const Item& item) {
-        const Unit& unit = units[item.unit];
-        kernel::attend_block(p, unit.band, unit.batch, unit.kv_head, item.begin, item.end - item.begin, unit.key_t,
-                             unit.value, s);
-      };
     });
+    run_dynamic(blocks, attend);
     first_unit = end_unit;
   }
 }
