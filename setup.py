@@ -11,7 +11,8 @@ setup(
     ext_modules=[
         CppExtension(
             "vllm_pfa._C",
-            ["vllm_pfa/csrc/prefill_attention.cpp"],
+            ["vllm_pfa/csrc/bindings.cpp", "vllm_pfa/csrc/prefill_attention.cpp",
+             "vllm_pfa/csrc/paged_kv_gather.cpp"],
             # -fopenmp: at::parallel_for is inlined from ATen's OpenMP header; without it the kernel runs on 1 thread.
             extra_compile_args=["-O3", "-fopenmp"],
             extra_link_args=["-fopenmp"],

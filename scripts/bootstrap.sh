@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 stamp=.venv/.vllm-pfa-installed
-want=$(cat setup.cfg setup.py pyproject.toml scripts/bootstrap.sh vllm_pfa/csrc/*.cpp | sha256sum | cut -d' ' -f1)
+want=$(cat setup.cfg setup.py pyproject.toml scripts/bootstrap.sh vllm_pfa/csrc/* | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi

@@ -11,8 +11,9 @@
 // Only the kernel section is compiled for AVX-512 (GCC target pragma); the binding checks the CPU at run time
 // and Python routes elsewhere when it is missing, so the module loads on any x86-64.
 
+#include "ops.h"
+
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include <immintrin.h>
 #include <sys/mman.h>
@@ -394,12 +395,6 @@ const kernel::Scratch& block_scratch(int64_t rows, int64_t padded_dim) {
   return scratch;
 }
 
-bool cpu_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-}
 
 ElementType element_type(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -417,6 +412,13 @@ Strides strides_of(const at::Tensor& t, const char* name) {
 }
 
 }  // namespace
+
+bool cpu_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
 
 // Writes rows [0, q_lens[b]) of `out` ([B, N, S1, D]) for every batch b; see the header comment for the band.
 void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
@@ -561,12 +563,3 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 }  // namespace vllm_pfa
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Native CPU prefill attention for vllm_pfa (AVX-512)";
-  m.def("cpu_supported", &vllm_pfa::cpu_supported, "True when this CPU has the instructions the kernel needs");
-  m.def("prefill_attention", &vllm_pfa::prefill_attention, "Banded causal prefill attention into `out`",
-        pybind11::arg("query"), pybind11::arg("key"), pybind11::arg("value"), pybind11::arg("out"),
-        pybind11::arg("q_lens"), pybind11::arg("kv_lens"), pybind11::arg("lo_offsets"),
-        pybind11::arg("hi_offsets"), pybind11::arg("scale"));
-}

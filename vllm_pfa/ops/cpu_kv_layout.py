@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_pfa.ops.native_kernel import extension
+
 
 def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The key and value halves of a CPU_ATTN layer cache, as vLLM's CPU backend views them."""
@@ -48,6 +50,12 @@ class CpuKVLayout:
     def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int, keys_out: torch.Tensor,
                values_out: torch.Tensor) -> None:
         """Writes one request's first `seq_len` keys and values into `[>= seq_len, kv_heads, head]` outputs."""
+        native = extension()
+        if native is not None and keys_out.stride(-1) == 1 and values_out.stride(-1) == 1:
+            key_cache, value_cache = split_kv_cache(kv_cache)
+            native.gather_paged_kv(key_cache, value_cache, block_ids, seq_len, keys_out, values_out,
+                                   self.key_transposed, self.value_transposed)  # one pass instead of three
+            return
         for half, out, transposed in zip(split_kv_cache(kv_cache), (keys_out, values_out),
                                          (self.key_transposed, self.value_transposed)):
             blocks = half.index_select(0, block_ids)  # whole blocks: plain copies

@@ -24,7 +24,7 @@ _UNBOUNDED = 2**40
 
 
 @functools.cache
-def _extension():
+def extension():
     """The compiled kernel module, or None where it is not built or this CPU lacks AVX-512 (logged once)."""
     try:
         from vllm_pfa import _C
@@ -38,7 +38,7 @@ def _extension():
 
 
 def available() -> bool:
-    return _extension() is not None
+    return extension() is not None
 
 
 def _clamp(offset: int) -> int:
@@ -83,6 +83,6 @@ def run(query, key, value, problem: PFAProblem, bands: list[tuple[int, int]]) ->
             out[b, :, aq:] = 0
     q, k, v = (_contiguous_rows(to_bnsd(t, p.layout, heads)) for t, heads in
                ((query, p.num_heads), (key, p.num_kv_heads), (value, p.num_kv_heads)))
-    _extension().prefill_attention(q, k, v, out, list(p.actual_q), list(p.actual_kv),
+    extension().prefill_attention(q, k, v, out, list(p.actual_q), list(p.actual_kv),
         [lo for lo, _ in bands], [hi for _, hi in bands], p.scale_value)
     return from_bnsd(out, p.layout)

@@ -1,0 +1,24 @@
+// The functions of the vllm_pfa._C extension (bound to Python in bindings.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace vllm_pfa {
+
+// True when this CPU has the instructions prefill_attention needs (AVX-512 F/BW/VL/DQ, FMA, F16C).
+bool cpu_supported();
+
+// Banded prefill attention into `out` (prefill_attention.cpp).
+void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                       const std::vector<int64_t>& q_lens, const std::vector<int64_t>& kv_lens,
+                       const std::vector<int64_t>& lo_offsets, const std::vector<int64_t>& hi_offsets, double scale);
+
+// The first seq_len tokens of a request's paged K/V into dense [tokens, kv_heads, head] outputs (paged_kv_gather.cpp).
+void gather_paged_kv(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_ids,
+                     int64_t seq_len, at::Tensor& keys_out, at::Tensor& values_out, bool key_transposed,
+                     bool value_transposed);
+
+}  // namespace vllm_pfa

@@ -1,0 +1,134 @@
+// Reading a request's context K/V back out of vLLM's CPU paged cache in one pass.
+//
+// A cache half is [num_blocks, kv_heads, block_size, head] as vLLM's CPU backend views it; inside a (block, head)
+// the tokens are either rows ([block_size][head], "plain") or columns ([head][block_size], "transposed", vLLM's
+// key layout for the vec ISAs). The output is token-major, [>= seq_len, kv_heads, head]. The torch equivalent
+// takes three passes over the data (index_select, transpose, strided copy); this takes one, parallel over
+// (block, head) pairs, transposing through L1-sized tiles.
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace vllm_pfa {
+namespace {
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw")
+// A transposed 16-bit block, two tokens at a time: one 32-bit gather per 16 dims fetches (d, t) and (d, t + 1)
+// together, and a word permute splits them into the two token rows. Needs head % 32 == 0 and an even block_size.
+void copy_transposed_16bit(const uint16_t* src, int64_t block_size, int64_t head, int64_t tokens, uint16_t* dst,
+                           int64_t dst_token_stride) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(block_size * 2)));
+  alignas(64) uint16_t even[32], odd[32];
+  for (int i = 0; i < 32; ++i) even[i] = static_cast<uint16_t>(2 * i), odd[i] = static_cast<uint16_t>(2 * i + 1);
+  const __m512i pick_even = _mm512_load_si512(even), pick_odd = _mm512_load_si512(odd);
+  int64_t t = 0;
+  for (; t + 2 <= tokens; t += 2) {
+    for (int64_t d = 0; d < head; d += 32) {
+      const char* base = reinterpret_cast<const char*>(src + d * block_size + t);
+      const __m512i lo = _mm512_i32gather_epi32(rows, base, 1);
+      const __m512i hi = _mm512_i32gather_epi32(rows, base + 16 * block_size * 2, 1);
+      _mm512_storeu_si512(dst + t * dst_token_stride + d, _mm512_permutex2var_epi16(lo, pick_even, hi));
+      _mm512_storeu_si512(dst + (t + 1) * dst_token_stride + d, _mm512_permutex2var_epi16(lo, pick_odd, hi));
+    }
+  }
+  for (; t < tokens; ++t) {
+    for (int64_t d = 0; d < head; ++d) dst[t * dst_token_stride + d] = src[d * block_size + t];
+  }
+}
+#pragma GCC pop_options
+
+template <typename Element>
+void copy_block(const Element* src, int64_t block_size, int64_t head, int64_t tokens, bool transposed, Element* dst,
+                int64_t dst_token_stride) {
+  if (!transposed) {
+    for (int64_t t = 0; t < tokens; ++t) std::memcpy(dst + t * dst_token_stride, src + t * head, head * sizeof(Element));
+    return;
+  }
+  if constexpr (sizeof(Element) == 2) {
+    if (head % 32 == 0 && block_size % 2 == 0 && cpu_supported()) {
+      copy_transposed_16bit(src, block_size, head, tokens, dst, dst_token_stride);
+      return;
+    }
+  }
+  constexpr int64_t kTile = 32;  // 32 x 32 elements: both sides of a tile stay in L1
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTile) {
+    const int64_t t1 = std::min(t0 + kTile, tokens);
+    for (int64_t d0 = 0; d0 < head; d0 += kTile) {
+      const int64_t d1 = std::min(d0 + kTile, head);
+      for (int64_t t = t0; t < t1; ++t) {
+        Element* row = dst + t * dst_token_stride;
+        for (int64_t d = d0; d < d1; ++d) row[d] = src[d * block_size + t];
+      }
+    }
+  }
+}
+
+template <typename Element>
+void gather_half(const at::Tensor& cache, const int64_t* block_ids, int64_t seq_len, at::Tensor& out,
+                 bool transposed) {
+  const int64_t heads = cache.size(1), block_size = cache.size(2), head = cache.size(3);
+  const int64_t blocks = (seq_len + block_size - 1) / block_size;
+  const auto* base = static_cast<const Element*>(cache.data_ptr());
+  auto* dst = static_cast<Element*>(out.data_ptr());
+  const int64_t out_token = out.stride(0), out_head = out.stride(1);
+  at::parallel_for(0, blocks * heads, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t block = item / heads, h = item % heads;
+      const Element* src = base + block_ids[block] * cache.stride(0) + h * cache.stride(1);
+      const int64_t tokens = std::min(block_size, seq_len - block * block_size);
+      copy_block(src, block_size, head, tokens, transposed, dst + block * block_size * out_token + h * out_head,
+                 out_token);
+    }
+  });
+}
+
+void check_half(const at::Tensor& cache, const at::Tensor& out, int64_t seq_len, const char* name) {
+  TORCH_CHECK(cache.dim() == 4 && out.dim() == 3, "gather_paged_kv: ", name,
+              " cache must be [blocks, kv_heads, block_size, head] and its output [tokens, kv_heads, head]");
+  TORCH_CHECK(cache.stride(3) == 1 && cache.stride(2) == cache.size(3), "gather_paged_kv: ", name,
+              " cache blocks must be dense (block_size x head per kv head)");
+  TORCH_CHECK(out.stride(2) == 1 && out.size(1) == cache.size(1) && out.size(2) == cache.size(3) &&
+                  out.size(0) >= seq_len,
+              "gather_paged_kv: ", name, " output shape does not match the cache");
+  TORCH_CHECK(out.scalar_type() == cache.scalar_type(), "gather_paged_kv: ", name, " dtypes differ");
+  TORCH_CHECK(cache.device().is_cpu() && out.device().is_cpu(), "gather_paged_kv: CPU tensors only");
+}
+
+void dispatch_half(const at::Tensor& cache, const int64_t* ids, int64_t seq_len, at::Tensor& out, bool transposed) {
+  switch (cache.element_size()) {
+    case 2: gather_half<uint16_t>(cache, ids, seq_len, out, transposed); break;
+    case 4: gather_half<uint32_t>(cache, ids, seq_len, out, transposed); break;
+    case 1: gather_half<uint8_t>(cache, ids, seq_len, out, transposed); break;
+    default: TORCH_CHECK(false, "gather_paged_kv: unsupported element size ", cache.element_size());
+  }
+}
+
+}  // namespace
+
+void gather_paged_kv(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_ids,
+                     int64_t seq_len, at::Tensor& keys_out, at::Tensor& values_out, bool key_transposed,
+                     bool value_transposed) {
+  check_half(key_cache, keys_out, seq_len, "key");
+  check_half(value_cache, values_out, seq_len, "value");
+  TORCH_CHECK(block_ids.scalar_type() == at::kLong && block_ids.dim() == 1 && block_ids.is_contiguous(),
+              "gather_paged_kv: block_ids must be a contiguous int64 vector");
+  const int64_t block_size = key_cache.size(2);
+  TORCH_CHECK(seq_len >= 0 && block_ids.size(0) * block_size >= seq_len, "gather_paged_kv: seq_len ", seq_len,
+              " needs more blocks than the ", block_ids.size(0), " given");
+  const int64_t* ids = block_ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < (seq_len + block_size - 1) / block_size; ++i) {
+    TORCH_CHECK(0 <= ids[i] && ids[i] < key_cache.size(0) && ids[i] < value_cache.size(0),
+                "gather_paged_kv: block id ", ids[i], " out of range");
+  }
+  dispatch_half(key_cache, ids, seq_len, keys_out, key_transposed);
+  dispatch_half(value_cache, ids, seq_len, values_out, value_transposed);
+}
+
+}  // namespace vllm_pfa
