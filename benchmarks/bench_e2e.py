@@ -1,9 +1,9 @@
 """End-to-end throughput: `vllm bench throughput` with the PFA backend and with CPU_ATTN, in one run.
 
 The benchmark model (built locally: 32 query heads, 8 kv heads, head_dim 128, 2 layers, small MLP, hidden size
-1024) makes attention a real share of the work. Workloads: prefill-heavy (input 2048, output 16) and mixed (input 512, output 128). Each
-backend runs in its own `vllm bench throughput` process with the same arguments; backends alternate per workload so
-drift on a noisy machine hits both.
+1024) makes attention a real share of the work. Workloads: prefill-heavy (input 2048, output 16) and mixed (input
+512, output 128). Each backend runs in its own `vllm bench throughput` process with the same arguments; backends
+alternate per workload so drift on a noisy machine hits both.
 
     python benchmarks/bench_e2e.py [--quick] [--dtype bfloat16] [--out benchmarks/results]
 """

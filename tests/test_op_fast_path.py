@@ -94,17 +94,7 @@ def test_native_kernel_matches_reference(case):
 ])
 def test_native_kernel_covers_prefill_shapes(dtype, mode, extra, monkeypatch):
     """GQA prefill with chunk-like lengths (aq < akv), a batch with one row and one with more rows than keys."""
-    calls = []
-    monkeypatch.setattr(native_kernel, "run", lambda *a, _run=native_kernel.run: calls.append(1) or _run(*a))
-    q, k, v = make_qkv("BSND", 4, 8, 2, 300, 600, 128, dtype)
-    kwargs = _causal_kwargs(8, 2, 128, actual_seq_lengths=[300, 129, 1, 200],
-                            actual_seq_lengths_kv=[600, 256, 513, 100], **extra)
-    kwargs["sparse_mode"] = mode
-    if mode == 0:
-        kwargs.pop("atten_mask")
-    out = npu_prompt_flash_attention(q, k, v, **kwargs)
-    assert calls, "expected the native kernel"
-    _assert_matches_reference(q, k, v, kwargs, out)
+    _assert_route_exact(native_kernel, monkeypatch, dtype, mode, extra, 128, [300, 129, 1, 200], [600, 256, 513, 100])
 
 
 @pytest.mark.skipif(not native_kernel.available(), reason="the native kernel needs an AVX-512 CPU and a built _C")
@@ -145,6 +135,20 @@ def test_long_square_causal_prefill_goes_to_sdpa(without_native_kernel, monkeypa
     assert len(calls) == 1
 
 
+def _assert_route_exact(route, monkeypatch, dtype, mode, extra, dim, q_lens, kv_lens):
+    """A GQA (8/2) problem of `mode` goes through `route` (a module with `run`) and matches the reference."""
+    calls = []
+    monkeypatch.setattr(route, "run", lambda *a, _run=route.run: calls.append(1) or _run(*a))
+    q, k, v = make_qkv("BSND", len(q_lens), 8, 2, max(q_lens), max(kv_lens), dim, dtype)
+    kwargs = _causal_kwargs(8, 2, dim, actual_seq_lengths=q_lens, actual_seq_lengths_kv=kv_lens, **extra)
+    kwargs["sparse_mode"] = mode
+    if mode == 0:
+        kwargs.pop("atten_mask")
+    out = npu_prompt_flash_attention(q, k, v, **kwargs)
+    assert calls, f"expected {route.__name__}"
+    _assert_matches_reference(q, k, v, kwargs, out)
+
+
 def _causal_kwargs(heads, kv_heads, dim, **extra):
     return dict(num_heads=heads, num_key_value_heads=kv_heads, input_layout="BSND", scale_value=1 / math.sqrt(dim),
                 sparse_mode=3, atten_mask=compressed_causal_mask(), **extra)
@@ -159,17 +163,7 @@ def _causal_kwargs(heads, kv_heads, dim, **extra):
 ])
 def test_kernel_delegation_covers_causal_shapes(dtype, mode, extra, without_native_kernel, monkeypatch):
     """The common prefill shapes take the vLLM CPU kernel and stay exact; block-boundary lengths included."""
-    calls = []
-    monkeypatch.setattr(vllm_cpu_kernel, "run", lambda *a, _run=vllm_cpu_kernel.run: calls.append(1) or _run(*a))
-    q, k, v = make_qkv("BSND", 3, 8, 2, 300, 520, 64, dtype)
-    kwargs = _causal_kwargs(8, 2, 64, actual_seq_lengths=[300, 129, 1], actual_seq_lengths_kv=[520, 256, 128],
-                            **extra)
-    kwargs["sparse_mode"] = mode
-    if mode == 0:
-        kwargs.pop("atten_mask")
-    out = npu_prompt_flash_attention(q, k, v, **kwargs)
-    assert calls, "expected the vLLM CPU kernel path"
-    _assert_matches_reference(q, k, v, kwargs, out)
+    _assert_route_exact(vllm_cpu_kernel, monkeypatch, dtype, mode, extra, 64, [300, 129, 1], [520, 256, 128])
 
 
 def test_long_prompt_runs_in_bounded_memory():

@@ -8,6 +8,9 @@
 // so GQA reads K/V once. Products and sums are fp32 (the reference's precision), softmax uses exp2 with the
 // scale * log2(e) folded into Q, and the output is rounded once to the output dtype (round-to-nearest-even).
 //
+// Work is split by (batch, kv head) "units": with many units each thread takes whole units (its K/V copy stays
+// in its L2); with few, all threads convert a group of units, then share its query blocks, heaviest first.
+//
 // Only the kernel section is compiled for AVX-512 (GCC target pragma); the binding checks the CPU at run time
 // and Python routes elsewhere when it is missing, so the module loads on any x86-64.
 
@@ -394,7 +397,6 @@ const kernel::Scratch& block_scratch(int64_t rows, int64_t padded_dim) {
   }
   return scratch;
 }
-
 
 ElementType element_type(const at::Tensor& t) {
   switch (t.scalar_type()) {
