@@ -85,6 +85,26 @@ def test_pfa_backend_matches_cpu_attn(dtype, batch):
     assert STATS.context_tokens == sum(s - q for q, s in BATCHES[batch] if q > 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", ["mixed", "prefills_with_context", "fresh_prefills"])
+def test_large_requests_get_calls_of_their_own(dtype, batch):
+    """Requests of >= own_call_min_tokens new tokens run as B = 1 calls (no packing copy); the rest share one."""
+    STATS.reset()
+    expected = _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, dtype, BATCHES[batch])
+    actual = _run(PFAMetadataBuilder, PFAAttentionImpl, dtype, BATCHES[batch],
+                  configure=lambda builder: setattr(builder, "own_call_min_tokens", 16))
+    torch.testing.assert_close(actual, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    prefills = [q for q, _ in BATCHES[batch] if q > 1]
+    alone = sum(q >= 16 for q in prefills)
+    assert STATS.prefill_calls == alone + (1 if alone < len(prefills) else 0) > 1
+
+
+def test_own_call_threshold_is_about_one_mib_of_query_rows():
+    with set_current_vllm_config(_config(torch.float32)):
+        builder = PFAMetadataBuilder(_spec(torch.float32), [], _config(torch.float32), torch.device("cpu"))
+    assert builder.own_call_min_tokens == (1 << 20) // (HEADS * HEAD_SIZE * 4)
+
+
 @pytest.mark.parametrize("batch", ["mixed", "prefills_with_context"])
 def test_sliding_window_goes_through_band_mode(batch):
     expected = _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, torch.float32,

@@ -27,27 +27,40 @@ KVGather = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor
 
 
 @dataclass
-class PFAPrefillPlan:
-    """Everything the PFA call of one step needs, shared by all layers."""
+class PFACall:
+    """The requests one PFA call covers, padded to the longest of them."""
 
-    token_start: int  # first prefill token in the batch (decodes come first)
-    num_tokens: int
     query_lens: list[int]  # actual_seq_lengths
     seq_lens: list[int]  # actual_seq_lengths_kv: context + new tokens
-    query_starts: list[int]  # per request, relative to token_start
+    query_starts: list[int]  # per request, relative to the plan's token_start
     context_block_ids: list[torch.Tensor | None]  # per request: blocks of its cached context, None if fresh
-    max_query_len: int
-    max_seq_len: int
-    atten_mask: torch.Tensor  # the cached compressed causal mask
-    gather: KVGather | None  # reads K/V back from this group's cache (None: layout not readable)
 
     @property
     def num_requests(self) -> int:
         return len(self.query_lens)
 
     @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens)
+
+    @property
     def has_context(self) -> bool:
         return any(ids is not None for ids in self.context_block_ids)
+
+
+@dataclass
+class PFAPrefillPlan:
+    """Everything the PFA calls of one step need, shared by all layers."""
+
+    token_start: int  # first prefill token in the batch (decodes come first)
+    num_tokens: int
+    calls: list[PFACall]
+    atten_mask: torch.Tensor  # the cached compressed causal mask
+    gather: KVGather | None  # reads K/V back from this group's cache (None: layout not readable)
 
 
 def has_cached_context(first: int, num_reqs: int, query_start: list[int], seq_lens: list[int]) -> bool:
@@ -55,22 +68,30 @@ def has_cached_context(first: int, num_reqs: int, query_start: list[int], seq_le
 
 
 def plan_prefill(*, first: int, num_reqs: int, token_start: int, query_start: list[int], seq_lens_host: list[int],
-                 block_table: torch.Tensor, block_size: int, device: torch.device,
-                 gather: KVGather | None) -> PFAPrefillPlan:
-    """The plan for requests [first, num_reqs), from host-side lengths only."""
-    requests = range(first, num_reqs)
-    query_lens = [query_start[r + 1] - query_start[r] for r in requests]
-    seq_lens = [seq_lens_host[r] for r in requests]
-    context_block_ids = [
-        block_table[r, : -(-(seq - q) // block_size)].to(torch.long) if seq > q else None
-        for r, q, seq in zip(requests, query_lens, seq_lens)
+                 block_table: torch.Tensor, block_size: int, device: torch.device, gather: KVGather | None,
+                 own_call_min_tokens: int | None = None) -> PFAPrefillPlan:
+    """The plan for requests [first, num_reqs), from host-side lengths only.
+
+    One PFA call takes all requests, padded into one BSND batch; with `own_call_min_tokens`, each request of at
+    least that many new tokens gets a call of its own instead (B = 1: its q, and for a fresh request its k and v,
+    are views, not copies), and the rest share one call.
+    """
+    requests = list(range(first, num_reqs))
+    query_len = {r: query_start[r + 1] - query_start[r] for r in requests}
+    alone = [r for r in requests if own_call_min_tokens is not None and query_len[r] >= own_call_min_tokens]
+    together = [r for r in requests if r not in alone]
+    calls = [
+        PFACall(
+            query_lens=[query_len[r] for r in group], seq_lens=[seq_lens_host[r] for r in group],
+            query_starts=[query_start[r] - token_start for r in group],
+            context_block_ids=[
+                block_table[r, : -(-(seq_lens_host[r] - query_len[r]) // block_size)].to(torch.long)
+                if seq_lens_host[r] > query_len[r] else None for r in group],
+        )
+        for group in [[r] for r in alone] + ([together] if together else [])
     ]
-    return PFAPrefillPlan(
-        token_start=token_start, num_tokens=sum(query_lens), query_lens=query_lens, seq_lens=seq_lens,
-        query_starts=[query_start[r] - token_start for r in requests], context_block_ids=context_block_ids,
-        max_query_len=max(query_lens), max_seq_len=max(seq_lens), atten_mask=compressed_causal_mask(device),
-        gather=gather,
-    )
+    return PFAPrefillPlan(token_start=token_start, num_tokens=sum(query_len.values()), calls=calls,
+                          atten_mask=compressed_causal_mask(device), gather=gather)
 
 
 def mask_arguments(sliding_window: int | None) -> dict:
@@ -105,29 +126,30 @@ class _StagingBuffers:
 _STAGING = _StagingBuffers()
 
 
-def _pack(tokens: torch.Tensor, plan: PFAPrefillPlan, name: str) -> torch.Tensor:
+def _pack(tokens: torch.Tensor, call: PFACall, name: str) -> torch.Tensor:
     """[T, heads, D] new tokens -> [B, max_query_len, heads, D] (BSND), padded on the right.
 
     The padding is left uninitialized: PFA never reads rows past actual_seq_lengths(_kv)."""
-    if plan.num_requests == 1:
-        return tokens.contiguous().unsqueeze(0)
-    packed = _STAGING.empty(name, tokens, plan.num_requests, plan.max_query_len, *tokens.shape[1:])
-    for i, (start, n) in enumerate(zip(plan.query_starts, plan.query_lens)):
+    if call.num_requests == 1:
+        start = call.query_starts[0]
+        return tokens[start:start + call.query_lens[0]].contiguous().unsqueeze(0)
+    packed = _STAGING.empty(name, tokens, call.num_requests, call.max_query_len, *tokens.shape[1:])
+    for i, (start, n) in enumerate(zip(call.query_starts, call.query_lens)):
         packed[i, :n] = tokens[start:start + n]
     return packed
 
 
-def _key_values(key, value, kv_cache, plan: PFAPrefillPlan) -> tuple[torch.Tensor, torch.Tensor]:
+def _key_values(key, value, kv_cache, call: PFACall, gather: KVGather) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, max_seq_len, kv_heads, D] keys and values: cached context (gathered) followed by the new tokens."""
-    if not plan.has_context:
-        return _pack(key, plan, "keys"), _pack(value, plan, "values")
-    shape = (plan.num_requests, plan.max_seq_len, *key.shape[1:])  # padding: never read, as above
+    if not call.has_context:
+        return _pack(key, call, "keys"), _pack(value, call, "values")
+    shape = (call.num_requests, call.max_seq_len, *key.shape[1:])  # padding: never read, as above
     keys, values = _STAGING.empty("keys", key, *shape), _STAGING.empty("values", value, *shape)
     for i, (start, n, seq_len, block_ids) in enumerate(
-            zip(plan.query_starts, plan.query_lens, plan.seq_lens, plan.context_block_ids)):
+            zip(call.query_starts, call.query_lens, call.seq_lens, call.context_block_ids)):
         context = seq_len - n
         if block_ids is not None:
-            plan.gather(kv_cache, block_ids, context, keys[i], values[i])
+            gather(kv_cache, block_ids, context, keys[i], values[i])
             STATS.context_tokens += context
         keys[i, context:seq_len], values[i, context:seq_len] = key[start:start + n], value[start:start + n]
     return keys, values
@@ -135,21 +157,22 @@ def _key_values(key, value, kv_cache, plan: PFAPrefillPlan) -> tuple[torch.Tenso
 
 def run_prefill(query, key, value, kv_cache, plan: PFAPrefillPlan, output, *, num_heads: int, num_kv_heads: int,
                 head_size: int, scale: float, mask_args: dict) -> None:
-    """One PFA call for the step's prefill tokens; results land in their rows of `output` ([tokens, heads, D])."""
+    """The step's PFA calls for its prefill tokens; results land in their rows of `output` ([tokens, heads, D])."""
     rows = slice(plan.token_start, plan.token_start + plan.num_tokens)
-    with record_function("pfa_backend.pack_and_gather"):  # named ranges: benchmarks/profile_backend.py
-        keys, values = _key_values(key[rows], value[rows], kv_cache, plan)
-        packed_query = _pack(query[rows], plan, "query")
-    with record_function("pfa_backend.operator"):
-        out = npu_prompt_flash_attention(
-            packed_query, keys, values, num_heads=num_heads, num_key_value_heads=num_kv_heads, scale_value=scale,
-            input_layout=PFA_LAYOUT, atten_mask=plan.atten_mask, actual_seq_lengths=plan.query_lens,
-            actual_seq_lengths_kv=plan.seq_lens, **mask_args,
-        )
-    with record_function("pfa_backend.unpack"):
-        out = out.view(plan.num_requests, -1, num_heads, head_size)
-        new_rows = output[rows]
-        for i, (start, n) in enumerate(zip(plan.query_starts, plan.query_lens)):
-            new_rows[start:start + n] = out[i, :n]
-    STATS.prefill_calls += 1
+    query, key, value, new_rows = query[rows], key[rows], value[rows], output[rows]
+    for call in plan.calls:
+        with record_function("pfa_backend.pack_and_gather"):  # named ranges: benchmarks/profile_backend.py
+            keys, values = _key_values(key, value, kv_cache, call, plan.gather)
+            packed_query = _pack(query, call, "query")
+        with record_function("pfa_backend.operator"):
+            out = npu_prompt_flash_attention(
+                packed_query, keys, values, num_heads=num_heads, num_key_value_heads=num_kv_heads,
+                scale_value=scale, input_layout=PFA_LAYOUT, atten_mask=plan.atten_mask,
+                actual_seq_lengths=call.query_lens, actual_seq_lengths_kv=call.seq_lens, **mask_args,
+            )
+        with record_function("pfa_backend.unpack"):
+            out = out.view(call.num_requests, -1, num_heads, head_size)
+            for i, (start, n) in enumerate(zip(call.query_starts, call.query_lens)):
+                new_rows[start:start + n] = out[i, :n]
+        STATS.prefill_calls += 1
     STATS.prefill_tokens += plan.num_tokens
