@@ -98,6 +98,21 @@ def test_native_kernel_covers_prefill_shapes(dtype, mode, extra, monkeypatch):
 
 
 @pytest.mark.skipif(not native_kernel.available(), reason="the native kernel needs an AVX-512 CPU and a built _C")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_kernel_work_split_is_exact(threads):
+    """2 batches x 2 kv heads = 4 units: whole units per thread (1 and 2 threads), shared query blocks (3)."""
+    q, k, v = make_qkv("BSND", 2, 8, 2, 200, 300, 64, torch.bfloat16)
+    kwargs = _causal_kwargs(8, 2, 64, actual_seq_lengths=[200, 37], actual_seq_lengths_kv=[300, 37])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = npu_prompt_flash_attention(q, k, v, **kwargs)
+    finally:
+        torch.set_num_threads(before)
+    _assert_matches_reference(q, k, v, kwargs, out)
+
+
+@pytest.mark.skipif(not native_kernel.available(), reason="the native kernel needs an AVX-512 CPU and a built _C")
 def test_native_kernel_rejects_inconsistent_arguments():
     """The binding checks what it is given: an error, never a crash or a write out of bounds."""
     from vllm_pfa import _C
