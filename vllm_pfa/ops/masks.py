@@ -23,23 +23,34 @@ def compressed_causal_mask(device: torch.device | str = "cpu") -> torch.Tensor:
     return mask
 
 
+def band_offsets(mode: int, has_mask: bool, aq: int, akv: int, pre: int, nxt: int) -> tuple[int, int]:
+    """(lo, hi): row i keeps columns i + lo <= j <= i + hi (before the mask and j < akv), per sparse_mode.
+
+    Offsets beyond any sequence length mean "unbounded" and are clamped to +-2**40, so int64 arithmetic on them
+    cannot overflow.
+    """
+    d = akv - aq
+    if mode == 0 and has_mask:  # the pre/next band applies only together with a mask
+        lo, hi = -pre, nxt
+    elif mode == 2:
+        lo, hi = -_UNBOUNDED, 0
+    elif mode == 3:
+        lo, hi = -_UNBOUNDED, d
+    elif mode == 4:
+        lo, hi = d - pre, d + nxt
+    else:  # mode 0 without a mask, mode 1: the mask alone decides
+        lo, hi = -_UNBOUNDED, _UNBOUNDED
+    return max(-_UNBOUNDED, min(lo, _UNBOUNDED)), max(-_UNBOUNDED, min(hi, _UNBOUNDED))
+
+
 def key_range(mode: int, has_mask: bool, row_start: int, row_end: int, aq: int, akv: int, pre: int,
               nxt: int) -> tuple[int, int]:
     """[lo, hi) bounding the kept columns of rows [row_start, row_end); rows past aq keep nothing."""
     row_end = min(row_end, aq)
     if row_start >= row_end:
         return 0, 0
-    d = akv - aq
-    lo, hi = 0, akv
-    if mode == 0 and has_mask:  # the pre/next band applies only together with a mask
-        lo, hi = row_start - pre, row_end - 1 + nxt + 1
-    elif mode == 2:
-        hi = row_end
-    elif mode == 3:
-        hi = row_end + d
-    elif mode == 4:
-        lo, hi = row_start + d - pre, row_end - 1 + d + nxt + 1
-    lo, hi = max(lo, 0), min(hi, akv)
+    band_lo, band_hi = band_offsets(mode, has_mask, aq, akv, pre, nxt)
+    lo, hi = max(row_start + band_lo, 0), min(row_end + band_hi, akv)
     return (lo, hi) if lo < hi else (0, 0)
 
 
@@ -49,22 +60,12 @@ def keep_block(mode: int, rows: torch.Tensor, cols: torch.Tensor, aq: int, akv: 
 
     `mask_block` is the user mask (modes 0/1) for exactly these rows/columns, or None.
     """
-    # |pre|, |next| beyond any sequence length mean "unbounded"; clamping keeps int64 arithmetic from overflowing.
-    pre, nxt = max(min(pre, _UNBOUNDED), -_UNBOUNDED), max(min(nxt, _UNBOUNDED), -_UNBOUNDED)
     rows, cols = rows[:, None], cols[None, :]
     keep = (rows < aq) & (cols < akv)
-    d = akv - aq
     if mode in (0, 1) and mask_block is not None:
         keep &= mask_block == 0
-        if mode == 0:
-            keep &= (cols >= rows - pre) & (cols <= rows + nxt)
-    elif mode == 2:
-        keep &= cols <= rows
-    elif mode == 3:
-        keep &= cols <= rows + d
-    elif mode == 4:
-        keep &= (cols >= rows + d - pre) & (cols <= rows + d + nxt)
-    return keep
+    lo, hi = band_offsets(mode, mask_block is not None, aq, akv, pre, nxt)
+    return keep & (cols >= rows + lo) & (cols <= rows + hi)
 
 
 def batch_mask(atten_mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:

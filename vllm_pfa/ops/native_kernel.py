@@ -15,13 +15,10 @@ import torch
 
 from vllm_pfa.log import init_logger
 from vllm_pfa.ops.layout import from_bnsd, to_bnsd
+from vllm_pfa.ops.masks import band_offsets
 from vllm_pfa.ops.validation import FLOAT_DTYPES, PFAProblem
 
 logger = init_logger(__name__)
-
-# Band offsets beyond any sequence length mean "unbounded"; clamped so the kernel's int64 arithmetic cannot overflow.
-_UNBOUNDED = 2**40
-
 
 @functools.cache
 def extension():
@@ -41,29 +38,15 @@ def available() -> bool:
     return extension() is not None
 
 
-def _clamp(offset: int) -> int:
-    return max(-_UNBOUNDED, min(_UNBOUNDED, offset))
-
-
 def plan(problem: PFAProblem, dtype: torch.dtype, *, has_pse: bool, has_mask: bool) -> list[tuple[int, int]] | None:
     """Per batch (lo, hi) band offsets, or None when the problem is not a band the kernel computes."""
     p = problem
-    if has_pse or dtype not in FLOAT_DTYPES or not available():
+    if has_pse or dtype not in FLOAT_DTYPES or p.sparse_mode == 1 or (p.sparse_mode == 0 and has_mask):
         return None
-    bands = []
-    for aq, akv in zip(p.actual_q, p.actual_kv):
-        d = akv - aq
-        if p.sparse_mode == 0 and not has_mask:
-            bands.append((-_UNBOUNDED, _UNBOUNDED))
-        elif p.sparse_mode == 2:
-            bands.append((-_UNBOUNDED, 0))
-        elif p.sparse_mode == 3:
-            bands.append((-_UNBOUNDED, d))
-        elif p.sparse_mode == 4:
-            bands.append((_clamp(d - p.pre_tokens), _clamp(d + p.next_tokens)))
-        else:
-            return None
-    return bands
+    if not available():
+        return None
+    return [band_offsets(p.sparse_mode, has_mask, aq, akv, p.pre_tokens, p.next_tokens)
+            for aq, akv in zip(p.actual_q, p.actual_kv)]
 
 
 def _contiguous_rows(tensor: torch.Tensor) -> torch.Tensor:
