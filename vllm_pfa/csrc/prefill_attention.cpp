@@ -101,8 +101,10 @@ inline void prefetch_row(const char* row, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(row + offset, _MM_HINT_T0);
 }
 
+inline int64_t element_bytes(ElementType type) { return type == ElementType::kFloat32 ? 4 : 2; }
+
 inline const char* at_element(const void* base, ElementType type, int64_t offset) {
-  return static_cast<const char*>(base) + offset * (type == ElementType::kFloat32 ? 4 : 2);
+  return static_cast<const char*>(base) + offset * element_bytes(type);
 }
 
 // 2^x for x <= 0; exactly 0 below 2^-126 (and for -inf, the masked scores).
@@ -216,25 +218,23 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   const int64_t padded_rows = (rows + kRowTile - 1) / kRowTile * kRowTile;
   const __m512 q_scale = _mm512_set1_ps(p.score_scale);
   int64_t union_lo = std::numeric_limits<int64_t>::max(), union_hi = 0;
-  const int64_t row_bytes = p.head_dim * (p.type == ElementType::kFloat32 ? 4 : 2);
-  for (int64_t r = 0; r < rows && r < 8; ++r) {
-    const int64_t head = kv_head * group + r % group;
-    prefetch_row(at_element(p.q, p.type, batch * p.qs.batch + head * p.qs.head + (first + r / group) * p.qs.seq),
-                 row_bytes);
-  }
+  // Row r is position first + r / group of query head kv_head * group + r % group.
+  auto query_row = [&](int64_t r) {
+    return at_element(p.q, p.type,
+                      batch * p.qs.batch + (kv_head * group + r % group) * p.qs.head + (first + r / group) * p.qs.seq);
+  };
+  // Query rows of one head sit a whole token apart (BSND), which the hardware prefetcher does not follow.
+  constexpr int64_t kPrefetchAhead = 8;
+  const int64_t row_bytes = p.head_dim * element_bytes(p.type);
+  for (int64_t r = 0; r < rows && r < kPrefetchAhead; ++r) prefetch_row(query_row(r), row_bytes);
   for (int64_t r = 0; r < padded_rows; ++r) {
     const int64_t pos = first + r / group;
-    if (r + 8 < rows) {
-      const int64_t head = kv_head * group + (r + 8) % group;
-      prefetch_row(at_element(p.q, p.type, batch * p.qs.batch + head * p.qs.head + (first + (r + 8) / group) * p.qs.seq),
-                   row_bytes);
-    }
+    if (r + kPrefetchAhead < rows) prefetch_row(query_row(r + kPrefetchAhead), row_bytes);
     int64_t lo = 0, hi = 0;
     if (r < rows) {
       lo = band.row_lo(pos);
       hi = band.row_hi(pos);
-      const int64_t head = kv_head * group + r % group;
-      const char* qrow = at_element(p.q, p.type, batch * p.qs.batch + head * p.qs.head + pos * p.qs.seq);
+      const char* qrow = query_row(r);
       for (int64_t d = 0; d < dp; d += 16) {
         __m512 x = load16(at_element(qrow, p.type, d), p.type, tail_mask(p.head_dim - d));
         _mm512_storeu_ps(s.q + r * dp + d, _mm512_mul_ps(x, q_scale));
@@ -334,10 +334,10 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t pos = first + r / group;
     const int64_t head = kv_head * group + r % group;
-    char* orow = const_cast<char*>(at_element(p.out, p.type, batch * p.os.batch + head * p.os.head + pos * p.os.seq));
+    const char* orow = at_element(p.out, p.type, batch * p.os.batch + head * p.os.head + pos * p.os.seq);
     const __m512 inv = _mm512_set1_ps(s.row_sum[r] > 0.0f ? 1.0f / s.row_sum[r] : 0.0f);
     for (int64_t d = 0; d < p.head_dim; d += 16) {
-      store16(orow + d * (p.type == ElementType::kFloat32 ? 4 : 2), p.type,
+      store16(const_cast<char*>(at_element(orow, p.type, d)), p.type,
               _mm512_mul_ps(_mm512_loadu_ps(s.acc + r * dp + d), inv), tail_mask(p.head_dim - d));
     }
   }
@@ -416,10 +416,14 @@ Strides strides_of(const at::Tensor& t, const char* name) {
 }  // namespace
 
 bool cpu_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
+  // Asked once: the gather calls this per (block, head).
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return supported;
 }
 
 // Writes rows [0, q_lens[b]) of `out` ([B, N, S1, D]) for every batch b; see the header comment for the band.
@@ -467,15 +471,16 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     for (int64_t h = 0; h < kv_heads; ++h) units.push_back({b, h, key_start, (key_end + 15) / 16 * 16, band});
   }
   struct Item {
-    size_t unit;
-    int64_t begin, end;  // key tiles to convert, or query positions to attend
-    int64_t cost;        // blocks: rows x keys, to order them; conversions: the end of the unit range
+    size_t unit, unit_end;  // units [unit, unit_end): one for a query block, a batch's heads for a conversion
+    int64_t begin, end;     // key tiles to convert, or query positions to attend
+    int64_t cost;           // to hand out the heaviest first
   };
   auto query_blocks = [&](size_t u, std::vector<Item>& blocks) {
     const BatchBand& band = units[u].band;
     for (int64_t pos = 0; pos < band.q_len; pos += positions_per_block) {
       const int64_t last = std::min(pos + positions_per_block, band.q_len);
-      blocks.push_back({u, pos, last, std::max<int64_t>(0, band.row_hi(last - 1) - band.row_lo(pos)) * (last - pos)});
+      const int64_t keys = std::max<int64_t>(0, band.row_hi(last - 1) - band.row_lo(pos));
+      blocks.push_back({u, u + 1, pos, last, keys * (last - pos)});
     }
   };
   // Heaviest items first, handed out dynamically: causal triangles and mixed lengths balance across threads.
@@ -486,9 +491,8 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       for (size_t i = next++; i < items.size(); i = next++) work(items[i]);
     });
   };
-  auto attend = [&](const Item& item) {
-    const Unit& unit = units[item.unit];
-    kernel::attend_block(p, unit.band, unit.batch, unit.kv_head, item.begin, item.end - item.begin, unit.key_t,
+  auto attend = [&](const Unit& unit, const Item& block) {
+    kernel::attend_block(p, unit.band, unit.batch, unit.kv_head, block.begin, block.end - block.begin, unit.key_t,
                          unit.value, block_scratch(scratch_rows, dp));
   };
   auto convert = [&](const Unit& unit, int64_t begin, int64_t end) {
@@ -501,25 +505,20 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   if (n_units >= 2 * threads && (n_units % threads == 0 || n_units >= 8 * threads)) {
     // Many units: each thread converts one unit's K/V into its own scratch and attends all its query blocks while
     // the copy is hot in its L2. (Shared copies of many units stream through memory: MHA lost ~15% to that.)
+    std::vector<std::vector<Item>> unit_blocks(units.size());
     std::vector<Item> work;
     for (size_t u = 0; u < units.size(); ++u) {
-      std::vector<Item> blocks;
-      query_blocks(u, blocks);
+      query_blocks(u, unit_blocks[u]);
       int64_t cost = 0;
-      for (const Item& b : blocks) cost += b.cost;
-      work.push_back({u, 0, 0, cost});
+      for (const Item& block : unit_blocks[u]) cost += block.cost;
+      work.push_back({u, u + 1, 0, 0, cost});
     }
     run_dynamic(work, [&](const Item& item) {
       Unit unit = units[item.unit];
       unit.key_t = kv_scratch(2 * unit_floats(unit));
       unit.value = unit.key_t + unit_floats(unit);
       convert(unit, unit.key_start, unit.key_end);
-      std::vector<Item> blocks;
-      query_blocks(item.unit, blocks);
-      for (const Item& block : blocks) {
-        kernel::attend_block(p, unit.band, unit.batch, unit.kv_head, block.begin, block.end - block.begin,
-                             unit.key_t, unit.value, block_scratch(scratch_rows, dp));
-      }
+      for (const Item& block : unit_blocks[item.unit]) attend(unit, block);
     });
     return;
   }
@@ -549,17 +548,18 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         size_t heads_end = u;
         while (heads_end < end_unit && units[heads_end].batch == unit.batch) ++heads_end;
         for (int64_t tile = unit.key_start; tile < unit.key_end; tile += 8 * 16) {
-          conversions.push_back({u, tile, std::min(tile + 8 * 16, unit.key_end), int64_t(heads_end)});
+          const int64_t tile_end = std::min(tile + 8 * 16, unit.key_end);
+          conversions.push_back({u, heads_end, tile, tile_end, (tile_end - tile) * int64_t(heads_end - u)});
         }
       }
       query_blocks(u, blocks);
     }
     run_dynamic(conversions, [&](const Item& item) {
       for (int64_t tile = item.begin; tile < item.end; tile += 16) {
-        for (size_t u = item.unit; u < size_t(item.cost); ++u) convert(units[u], tile, tile + 16);
+        for (size_t u = item.unit; u < item.unit_end; ++u) convert(units[u], tile, tile + 16);
       }
     });
-    run_dynamic(blocks, attend);
+    run_dynamic(blocks, [&](const Item& block) { attend(units[block.unit], block); });
     first_unit = end_unit;
   }
 }
