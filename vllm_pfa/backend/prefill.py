@@ -78,8 +78,9 @@ def plan_prefill(*, first: int, num_reqs: int, token_start: int, query_start: li
     """
     requests = list(range(first, num_reqs))
     query_len = {r: query_start[r + 1] - query_start[r] for r in requests}
-    alone = [r for r in requests if own_call_min_tokens is not None and query_len[r] >= own_call_min_tokens]
-    together = [r for r in requests if r not in alone]
+    own_call = {r: own_call_min_tokens is not None and query_len[r] >= own_call_min_tokens for r in requests}
+    alone = [r for r in requests if own_call[r]]
+    together = [r for r in requests if not own_call[r]]
     calls = [
         PFACall(
             query_lens=[query_len[r] for r in group], seq_lens=[seq_lens_host[r] for r in group],
