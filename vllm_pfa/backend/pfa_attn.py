@@ -32,7 +32,9 @@ logger = init_logger(__name__)
 
 
 class PFAAttentionBackend(CPUAttentionBackend):
-    """Same KV cache, block sizes and dtypes as vLLM's CPU backend; decoder attention only."""
+    """Same KV cache, block sizes and dtypes as vLLM's CPU backend. Decoder layers (causal or bidirectional) and
+    encoder-only layers. Encoder-decoder models are refused at selection (their cross-attention reads the encoder's
+    K/V from a cross-attention cache, which this backend does not plan)."""
 
     supported_kv_cache_dtypes: ClassVar[list] = ["auto"]  # the context gather reads unquantized K/V
 
@@ -42,11 +44,11 @@ class PFAAttentionBackend(CPUAttentionBackend):
 
     @classmethod
     def supports_non_causal(cls) -> bool:
-        return False
+        return True  # sparse_mode 0 without a mask, or band mode 4 with a window
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == AttentionType.DECODER
+        return attn_type in (AttentionType.DECODER, AttentionType.ENCODER_ONLY)
 
     @staticmethod
     def get_impl_cls() -> type["PFAAttentionImpl"]:
@@ -57,9 +59,12 @@ class PFAAttentionBackend(CPUAttentionBackend):
         return PFAMetadataBuilder
 
 
-@dataclass
-class PFAMetadata:
-    num_actual_tokens: int
+@dataclass(kw_only=True)
+class PFAMetadata(CPUAttentionMetadata):
+    """CPU_ATTN's metadata of the whole batch (the fields vLLM's generic code and backend tests read, e.g.
+    `slot_mapping` for `impl.do_kv_cache_update`), plus how the batch is split between the two paths. The
+    CPU kernel's scheduler plan is only built for the existing path's part (`existing_path.scheduler_metadata`)."""
+
     num_existing_path_tokens: int  # leading tokens (decodes) that go to the existing path
     existing_path: CPUAttentionMetadata | None
     prefill: PFAPrefillPlan | None
@@ -107,13 +112,20 @@ class PFAMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> PFAMetadata:
         cm = common_attn_metadata
+        if isinstance(cm.causal, torch.Tensor):  # only vLLM's GPU model runner v2 sets it (DiffusionGemma)
+            raise NotImplementedError("The PFA attention backend does not support per-request causality "
+                                      "(CommonAttentionMetadata.causal as a tensor).")
         num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = split_decodes_and_prefills(
             cm, decode_threshold=self.reorder_batch_threshold)
+        if self.is_encoder_only_attention:  # no KV cache: every request is a fresh prefill, one-token inputs too
+            num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = 0, cm.num_reqs, 0, cm.num_actual_tokens
         query_start = cm.query_start_loc_cpu.tolist()
         # Host copies only: on CPU seq_lens is host memory; elsewhere vLLM's host upper bound is exact for prefills.
         seq_lens_host = (cm.seq_lens if cm.seq_lens.device.type == "cpu" else cm.seq_lens_cpu_upper_bound).tolist()
-        if (num_prefills and self.cache_layout is None
-                and has_cached_context(num_decodes, cm.num_reqs, query_start, seq_lens_host)):
+        with_context = num_prefills and has_cached_context(num_decodes, cm.num_reqs, query_start, seq_lens_host)
+        if with_context and self.is_encoder_only_attention:
+            raise ValueError("encoder-only attention has no KV cache to read context from")
+        if with_context and self.cache_layout is None:
             STATS.existing_path_prefill_tokens += num_prefill_tokens
             num_decodes, num_decode_tokens, num_prefills = cm.num_reqs, cm.num_actual_tokens, 0
         existing_path = None
@@ -128,8 +140,11 @@ class PFAMetadataBuilder(CPUAttentionMetadataBuilder):
                 device=self.device, gather=None if self.cache_layout is None else self.cache_layout.gather,
                 own_call_min_tokens=self.own_call_min_tokens)
         STATS.log_step(num_decode_tokens, 0 if prefill is None else prefill.num_tokens)
-        return PFAMetadata(num_actual_tokens=cm.num_actual_tokens, num_existing_path_tokens=num_decode_tokens,
-                           existing_path=existing_path, prefill=prefill)
+        return PFAMetadata(
+            num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len, query_start_loc=cm.query_start_loc,
+            max_seq_len=cm.max_seq_len, seq_lens=cm.seq_lens, block_table=cm.block_table_tensor,
+            slot_mapping=cm.slot_mapping, scheduler_metadata=None, causal=cm.causal,
+            num_existing_path_tokens=num_decode_tokens, existing_path=existing_path, prefill=prefill)
 
 
 class PFAAttentionImpl(CPUAttentionBackendImpl):
@@ -146,7 +161,8 @@ class PFAAttentionImpl(CPUAttentionBackendImpl):
             raise NotImplementedError("The PFA attention backend does not support attention sinks.")
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
-        self.pfa_mask_args = mask_arguments(self.sliding_window)
+        # per causality of the step (CommonAttentionMetadata.causal), computed once per layer
+        self.pfa_mask_args = {causal: mask_arguments(self.sliding_window, causal) for causal in (True, False)}
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: PFAMetadata | None, output: torch.Tensor,
@@ -165,5 +181,5 @@ class PFAAttentionImpl(CPUAttentionBackendImpl):
         if attn_metadata.prefill is not None:
             run_prefill(query, key, value, kv_cache, attn_metadata.prefill, output, num_heads=self.num_heads,
                         num_kv_heads=self.num_kv_heads, head_size=self.head_size, scale=self.scale,
-                        mask_args=self.pfa_mask_args)
+                        mask_args=self.pfa_mask_args[attn_metadata.causal])
         return output

@@ -18,6 +18,7 @@ from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention
 # zero-copy view (B = 1); BNSD would need a transpose copy of q, k and v, and BSH is BSND with the last two axes
 # merged (no cheaper). Several requests are padded to the longest one.
 PFA_LAYOUT = "BSND"
+FULL_SPARSE_MODE = 0  # without a mask: every key up to actual_seq_lengths_kv (bidirectional attention)
 CAUSAL_SPARSE_MODE = 3  # rightDownCausal: new rows sit at the end of each request's kv sequence
 BAND_SPARSE_MODE = 4  # sliding window: the band measured from the bottom-right corner
 
@@ -95,12 +96,19 @@ def plan_prefill(*, first: int, num_reqs: int, token_start: int, query_start: li
                           atten_mask=compressed_causal_mask(device), gather=gather)
 
 
-def mask_arguments(sliding_window: int | None) -> dict:
-    """PFA's mask arguments for a layer: causal, or for a window of W keys (vLLM: j > i - W) the bottom-right band
-    with pre_tokens = W - 1, next_tokens = 0."""
-    if sliding_window is None or sliding_window < 0:
-        return dict(sparse_mode=CAUSAL_SPARSE_MODE)
-    return dict(sparse_mode=BAND_SPARSE_MODE, pre_tokens=sliding_window - 1, next_tokens=0)
+def mask_arguments(sliding_window: int | None, causal: bool = True) -> dict:
+    """PFA's mask arguments for a layer; they override the plan's compressed mask (`atten_mask=None`: no mask).
+
+    Causal: rightDownCausal, or for a window of W keys (vLLM: j > i - W) the bottom-right band with
+    pre_tokens = W - 1, next_tokens = 0. Bidirectional: every key, or for a window vLLM's |i - j| < W (CPU_ATTN's
+    left and right window W - 1) as the band with pre_tokens = next_tokens = W - 1 (query rows sit at the end of
+    the kv sequence: the band's bottom-right alignment).
+    """
+    windowed = sliding_window is not None and sliding_window >= 0
+    if not windowed:
+        return dict(sparse_mode=CAUSAL_SPARSE_MODE) if causal else dict(sparse_mode=FULL_SPARSE_MODE, atten_mask=None)
+    return dict(sparse_mode=BAND_SPARSE_MODE, pre_tokens=sliding_window - 1,
+                next_tokens=0 if causal else sliding_window - 1)
 
 
 class _StagingBuffers:
@@ -168,8 +176,8 @@ def run_prefill(query, key, value, kv_cache, plan: PFAPrefillPlan, output, *, nu
         with record_function("pfa_backend.operator"):
             out = npu_prompt_flash_attention(
                 packed_query, keys, values, num_heads=num_heads, num_key_value_heads=num_kv_heads,
-                scale_value=scale, input_layout=PFA_LAYOUT, atten_mask=plan.atten_mask,
-                actual_seq_lengths=call.query_lens, actual_seq_lengths_kv=call.seq_lens, **mask_args,
+                scale_value=scale, input_layout=PFA_LAYOUT, actual_seq_lengths=call.query_lens,
+                actual_seq_lengths_kv=call.seq_lens, **({"atten_mask": plan.atten_mask} | mask_args),
             )
         with record_function("pfa_backend.unpack"):
             out = out.view(call.num_requests, -1, num_heads, head_size)

@@ -1,0 +1,188 @@
+"""The PFA backend driven the way vLLM's own backend tests drive a backend (`tests/v1/attention/` in vLLM's source:
+batch specs of (seq_lens, query_lens), a paged cache holding the cached context, the new tokens' K/V written by
+`impl.do_kv_cache_update(layer, key, value, kv_cache, attn_metadata.slot_mapping)`, then `impl.forward`), compared
+with an SDPA reference and with CPU_ATTN: decoder layers causal and bidirectional, with and without a sliding
+window, encoder-only layers, GQA (4 query heads over 2 kv heads), several block sizes.
+"""
+
+import functools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionMetadata
+from vllm.v1.kv_cache_interface import EncoderOnlyAttentionSpec, FullAttentionSpec
+
+from vllm_pfa.backend.pfa_attn import PFAAttentionBackend
+from vllm_pfa.backend.stats import STATS
+from vllm_pfa.model_builder import build_model
+from vllm_pfa.testing import make_paged_batch
+
+HEADS, KV_HEADS, HEAD_SIZE = 4, 2, 64  # the tiny model's: CPU_ATTN sizes its scratchpad from the model config
+SCALE = 1 / math.sqrt(HEAD_SIZE)
+WINDOW = 24
+
+# name: (seq_lens, query_lens), decodes first as vLLM orders them; shapes from vLLM's BATCH_SPECS, shortened
+BATCH_SPECS = {
+    "small_decode": ([32, 40], [1, 1]),
+    "small_prefill": ([32, 40], [8, 8]),
+    "mixed_small": ([32, 40, 48, 56], [1, 1, 5, 5]),
+    "medium_prefill": ([256, 512, 300], [16, 16, 16]),
+    "mixed_medium": ([512, 300, 200, 512, 300], [1, 1, 1, 7, 40]),
+    "single_prefill": ([600], [64]),
+    "fresh_prefills": ([17, 70, 130], [17, 70, 130]),
+}
+ENCODER_SPECS = {
+    "small_encoder_prefill": ([32, 64, 128, 7], [32, 64, 128, 7]),
+    "single_token_inputs": ([1, 1, 9], [1, 1, 9]),  # one-token inputs are not decodes here
+}
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+@functools.cache
+def _config(dtype: torch.dtype, block_size: int) -> VllmConfig:
+    return VllmConfig(model_config=ModelConfig(model=str(build_model("tiny")), dtype=dtype),
+                      cache_config=CacheConfig(block_size=block_size))
+
+
+def _run(backend, spec, *, block_size, dtype, causal=True, window=None, attn_type=AttentionType.DECODER):
+    seq_lens, query_lens = spec
+    config = _config(dtype, block_size)
+    spec_cls = EncoderOnlyAttentionSpec if attn_type == AttentionType.ENCODER_ONLY else FullAttentionSpec
+    kv_cache_spec = spec_cls(block_size=block_size, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype=dtype)
+    with set_current_vllm_config(config):
+        builder = backend.get_builder_cls()(kv_cache_spec, [], config, torch.device("cpu"))
+        impl = backend.get_impl_cls()(HEADS, HEAD_SIZE, SCALE, KV_HEADS, None, window, "auto", attn_type=attn_type)
+    if window is not None:
+        builder.window_size = window  # CPU_ATTN reads the group's window from registered layers; there are none
+    batch = make_paged_batch(list(zip(query_lens, seq_lens)), num_heads=HEADS, num_kv_heads=KV_HEADS,
+                             head_size=HEAD_SIZE, block_size=block_size, dtype=dtype, isa=builder.isa,
+                             cache_new_tokens=False, causal=causal)
+    metadata = builder.build(common_prefix_len=0, common_attn_metadata=batch.metadata)
+    layer = SimpleNamespace(isa=builder.isa, _k_scale_float=1.0, _v_scale_float=1.0)
+    assert not backend.forward_includes_kv_cache_update
+    impl.do_kv_cache_update(layer, batch.key, batch.value, batch.kv_cache, metadata.slot_mapping)
+    output = torch.full_like(batch.query, float("nan"))
+    impl.forward(layer, batch.query, batch.key, batch.value, batch.kv_cache, metadata, output=output)
+    return output, batch, metadata
+
+
+def _sdpa_reference(batch, spec, *, causal, window):
+    """Per request, in fp32: query row i sits at position context + i; causal keeps keys j <= that position, a
+    window of W keys keeps |position - j| < W (causal: the W - 1 keys before it and itself)."""
+    outputs, start = [], 0
+    for keys, values, seq_len, query_len in zip(batch.keys_per_request, batch.values_per_request, *spec):
+        query = batch.query[start:start + query_len].float().transpose(0, 1)
+        start += query_len
+        keys, values = (t.float().repeat_interleave(HEADS // KV_HEADS, dim=1).transpose(0, 1) for t in (keys, values))
+        position = torch.arange(query_len)[:, None] + seq_len - query_len
+        key_index = torch.arange(seq_len)[None, :]
+        keep = torch.ones(query_len, seq_len, dtype=torch.bool)
+        if causal:
+            keep &= key_index <= position
+        if window is not None:
+            keep &= (position - key_index).abs() < window
+        outputs.append(F.scaled_dot_product_attention(query, keys, values, attn_mask=keep, scale=SCALE).transpose(0, 1))
+    return torch.cat(outputs)
+
+
+def _check(spec, *, dtype, block_size=32, causal=True, window=None, attn_type=AttentionType.DECODER):
+    STATS.reset()
+    actual, batch, metadata = _run(PFAAttentionBackend, spec, block_size=block_size, dtype=dtype, causal=causal,
+                                   window=window, attn_type=attn_type)
+    stats = STATS.snapshot()
+    tolerance = TOLERANCE[dtype]
+    reference = _sdpa_reference(batch, spec, causal=causal, window=window)
+    torch.testing.assert_close(actual.float(), reference, atol=tolerance, rtol=tolerance)
+    expected, _, _ = _run(CPUAttentionBackend, spec, block_size=block_size, dtype=dtype, causal=causal,
+                          window=window, attn_type=attn_type)
+    torch.testing.assert_close(expected.float(), reference, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)
+    return metadata, stats
+
+
+def _assert_split(stats, query_lens):
+    """Prefill rows went through PFA, decode rows through the existing path."""
+    assert stats["prefill_tokens"] == sum(q for q in query_lens if q > 1)
+    assert stats["decode_tokens"] == sum(q for q in query_lens if q == 1)
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(BATCH_SPECS))
+def test_causal_batch_specs(name, dtype, block_size):
+    _, stats = _check(BATCH_SPECS[name], dtype=dtype, block_size=block_size)
+    _assert_split(stats, BATCH_SPECS[name][1])
+
+
+@pytest.mark.parametrize("name", ["mixed_small", "mixed_medium", "fresh_prefills"])
+def test_causal_sliding_window(name):
+    _check(BATCH_SPECS[name], dtype=torch.float32, window=WINDOW)
+
+
+@pytest.mark.parametrize("window", [None, WINDOW])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("name", sorted(BATCH_SPECS))
+def test_bidirectional_decoder_layers(name, block_size, window):
+    """causal=False: each row attends to every key of its request, or to those within the window on either side
+    of its own position (|i - j| < W); PFA mode 0 without a mask, or band mode 4."""
+    _, stats = _check(BATCH_SPECS[name], dtype=torch.float32, block_size=block_size, causal=False, window=window)
+    _assert_split(stats, BATCH_SPECS[name][1])
+
+
+@pytest.mark.parametrize("window", [None, WINDOW])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(ENCODER_SPECS))
+def test_encoder_only_layers(name, dtype, window):
+    spec = ENCODER_SPECS[name]
+    metadata, stats = _check(spec, dtype=dtype, causal=False, window=window, attn_type=AttentionType.ENCODER_ONLY)
+    assert metadata.existing_path is None and stats["prefill_tokens"] == sum(spec[1])
+    assert stats["context_tokens"] == 0 and stats["decode_tokens"] == 0
+
+
+def test_metadata_follows_cpu_attn_conventions():
+    """Every field of CPU_ATTN's metadata, for the whole batch; the existing path's part on its own."""
+    spec = BATCH_SPECS["mixed_small"]
+    _, batch, metadata = _run(PFAAttentionBackend, spec, block_size=32, dtype=torch.float32)
+    assert isinstance(metadata, CPUAttentionMetadata)
+    common = batch.metadata
+    assert metadata.slot_mapping is common.slot_mapping and metadata.block_table is common.block_table_tensor
+    assert metadata.query_start_loc is common.query_start_loc and metadata.seq_lens is common.seq_lens
+    assert (metadata.num_actual_tokens, metadata.max_query_len, metadata.max_seq_len, metadata.causal) == (
+        sum(spec[1]), max(spec[1]), max(spec[0]), True)
+    assert metadata.num_existing_path_tokens == 2 and metadata.existing_path.num_actual_tokens == 2
+    assert metadata.existing_path.slot_mapping.tolist() == common.slot_mapping[:2].tolist()
+
+
+def test_encoder_only_context_is_refused():
+    with pytest.raises(ValueError, match="encoder-only attention has no KV cache"):
+        _run(PFAAttentionBackend, ([40], [8]), block_size=32, dtype=torch.float32, causal=False,
+             attn_type=AttentionType.ENCODER_ONLY)
+
+
+def test_per_request_causality_is_refused():
+    config = _config(torch.float32, 32)
+    spec = FullAttentionSpec(block_size=32, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype=torch.float32)
+    with set_current_vllm_config(config):
+        builder = PFAAttentionBackend.get_builder_cls()(spec, [], config, torch.device("cpu"))
+    batch = make_paged_batch([(8, 8), (5, 5)], num_heads=HEADS, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE,
+                             block_size=32, dtype=torch.float32, isa=builder.isa)
+    batch.metadata.causal = torch.tensor([1, 0], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="per-request causality"):
+        builder.build(0, batch.metadata)
+
+
+@pytest.mark.parametrize("attn_type,supported", [
+    (AttentionType.DECODER, True), (AttentionType.ENCODER_ONLY, True),
+    (AttentionType.ENCODER, False), (AttentionType.ENCODER_DECODER, False)])
+def test_selection_names_what_is_refused(attn_type, supported):
+    reasons = PFAAttentionBackend.validate_configuration(
+        head_size=HEAD_SIZE, dtype=torch.float32, kv_cache_dtype="auto", block_size=32, use_mla=False,
+        has_sink=False, use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False,
+        device_capability=None, attn_type=attn_type, has_sliding_window=True, use_non_causal=True)
+    assert reasons == ([] if supported else [f"attention type {attn_type} not supported"])
