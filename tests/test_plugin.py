@@ -20,9 +20,16 @@ def _selector(**overrides):
     return AttentionSelectorConfig(**config)
 
 
-def test_entry_point_is_declared():
-    names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
-    assert names.get("pfa") == "vllm_pfa.plugin:register"
+def test_entry_points_are_declared():
+    general = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    platform = {ep.name: ep.value for ep in entry_points(group="vllm.platform_plugins")}
+    assert general.get("pfa") == "vllm_pfa.plugin:register"
+    assert platform.get("pfa") == "vllm_pfa.plugin:register_backend_name_at_platform_detection"
+
+
+def test_platform_plugin_activates_no_platform():
+    assert plugin.register_backend_name_at_platform_detection() is None
+    assert "PFA" in AttentionBackendEnum.__members__
 
 
 def test_register_twice_is_harmless():

@@ -1,7 +1,11 @@
-"""vLLM general plugin entry point (`vllm.general_plugins`: `pfa = vllm_pfa.plugin:register`).
+"""vLLM plugin entry points (setup.cfg): the backend name at platform detection, the patches in every process.
 
-vLLM loads general plugins in every process (API server, engine core, workers), possibly more than once, so
-`register` is idempotent.
+- `vllm.platform_plugins: pfa` runs during platform detection, which `from vllm import LLM` already triggers, so
+  `LLM(..., attention_config={"backend": "PFA"})` parses the name with no import of vllm_pfa. It returns None: it
+  activates no platform and never competes with the platform that is detected (CPU, or vllm-ascend's NPU).
+- `vllm.general_plugins: pfa` runs in every vLLM process (API server, engine core, workers), possibly more than once,
+  and applies the platform patches.
+Both are idempotent, and both are named "pfa", so `VLLM_PLUGINS` turns them on and off together.
 """
 
 from vllm_pfa.log import init_logger
@@ -28,6 +32,11 @@ def backend_member(name: str) -> AttentionBackendEnum:
     """The registered member `name`, registering PFA first in a process that has not loaded the plugin yet."""
     register_backend_name()
     return AttentionBackendEnum[name]
+
+
+def register_backend_name_at_platform_detection() -> None:
+    """The `vllm.platform_plugins` entry point: registers the name, activates no platform (returns None)."""
+    register_backend_name()
 
 
 def register() -> None:
