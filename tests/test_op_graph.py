@@ -69,3 +69,27 @@ def test_compile_reports_invalid_arguments():
     module = Attention(num_heads=4, num_key_value_heads=3, input_layout="BSND")
     with pytest.raises(Exception, match="num_key_value_heads"):
         torch.compile(module, fullgraph=True)(q, k, v)
+
+
+def _banded(q, k, v, lengths, pre_tokens, sparse_mode):
+    return npu_prompt_flash_attention(q, k, v, num_heads=2, input_layout="BNSD", atten_mask=compressed_causal_mask(),
+                                      actual_seq_lengths=lengths, pre_tokens=pre_tokens, next_tokens=1,
+                                      sparse_mode=sparse_mode) * 1.0
+
+
+def test_compile_with_changing_int_arguments():
+    """Dynamo passes a changed int as a SymInt on the recompile: validation takes it, every call stays exact.
+
+    Changed one at a time, then back: lengths, pre_tokens, sparse_mode; then an invalid value, which must still
+    be rejected (the symbolic checks guard on the values)."""
+    torch._dynamo.reset()
+    q, k, v = make_qkv("BNSD", 2, 2, 2, 12, 16, 16, torch.float32)
+    compiled = torch.compile(_banded, fullgraph=True, backend="aot_eager")
+    for lengths, pre_tokens, sparse_mode in [([12, 5], 4, 4), ([7, 3], 4, 4), ([9, 12], 4, 4), ([9, 12], 2, 4),
+                                             ([9, 12], 6, 4), ([9, 12], 6, 3), ([12, 1], 6, 2), ([12, 5], 4, 4)]:
+        actual = compiled(q, k, v, lengths, pre_tokens, sparse_mode)
+        torch.testing.assert_close(actual, _banded(q, k, v, lengths, pre_tokens, sparse_mode), rtol=0, atol=0)
+    with pytest.raises(Exception, match=r"actual_seq_lengths\[0\] = 13 is invalid"):
+        compiled(q, k, v, [13, 5], 4, 4)
+    with pytest.raises(Exception, match="sparse_mode = 6 is out of range"):
+        compiled(q, k, v, [12, 5], 4, 6)

@@ -152,6 +152,33 @@ CASES = {
                                   actual_seq_lengths_kv=[2]), ValueError, ["sparse_mode = 4 would leave rows"]),
     "int8 empty": (dict(tensors=make_qkv("BSND", 1, 4, 2, 0, 8, 32, torch.int8), **_int8_scales()), ValueError,
                    ["int8 inputs must not be empty"]),
+    # Every tensor argument on the query's device: a meta tensor next to CPU ones would dispatch to the fake kernel.
+    **{f"{name} on meta": (dict(tensors=tensors, **{**extra, name: value.to("meta")}), ValueError,
+                           [f"{name}.device = meta", "must equal query.device = cpu"])
+       for name, value, extra, tensors in [
+           ("atten_mask", torch.zeros(8, 8, dtype=torch.bool), {}, None),
+           ("pse_shift", torch.zeros(1, 4, 8, 8, dtype=torch.float16), {}, None),
+           ("padding_mask", torch.zeros(2, 8, 8, dtype=torch.float16), {}, None),
+           ("quant_scale2", torch.ones(1), {}, None),
+           ("quant_offset2", torch.ones(1), {"quant_scale2": torch.ones(1)}, None),
+           ("deq_scale1", torch.ones(1), _int8_scales(), Q8),
+           ("quant_scale1", torch.ones(1), _int8_scales(), Q8),
+           ("deq_scale2", torch.ones(1), _int8_scales(), Q8),
+           ("actual_seq_lengths", torch.tensor([3]), {}, None),
+           ("actual_seq_lengths_kv", torch.tensor([3]), {}, None),
+       ]},
+    "key on meta": (dict(tensors=(Q8[0].half(), Q8[1].half().to("meta"), Q8[2].half())), ValueError,
+                    ["key.device = meta"]),
+    # actual_seq_lengths(_kv): a list/tuple of ints or a 1-D integer tensor, nothing else.
+    **{f"actual lengths {label}": (dict(**{name: value}), TypeError, [f"{name} = ", "a list or tuple of ints"])
+       for name in ("actual_seq_lengths", "actual_seq_lengths_kv")
+       for label, value in [("int", 3), ("float", 3.0), ("dict", {0: 3}), ("str", "3"), ("bool tensor",
+                            torch.tensor([True])), ("0-d tensor", torch.tensor(3)), ("2-D tensor",
+                            torch.tensor([[3]])), ("complex tensor", torch.tensor([3 + 0j]))]},
+    "actual lengths bool element": (dict(actual_seq_lengths=[True]), TypeError,
+                                    ["actual_seq_lengths[0] = True", "must be an int"]),
+    "padding_mask str": (dict(padding_mask="x"), TypeError, ["padding_mask = str", "must be a torch.Tensor"]),
+    "padding_mask int": (dict(padding_mask=3), TypeError, ["padding_mask = int", "must be a torch.Tensor"]),
 }
 
 
@@ -179,3 +206,21 @@ def test_valid_baseline_call_passes():
     """The baseline the constraint cases start from is itself valid."""
     assert _call().shape == (2, 8, 4, 16)
     assert _call(tensors=Q8, **_int8_scales()).dtype == torch.float16
+
+
+def test_meta_lengths_tensor_with_meta_query_is_rejected():
+    """A meta tensor holds no values to read lengths from, even where the query is on meta too."""
+    q = torch.zeros(1, 2, 4, 16, device="meta")
+    with pytest.raises(ValueError, match=r"actual_seq_lengths_kv = .*meta.* holds no values"):
+        npu_prompt_flash_attention(q, q, q, num_heads=2, input_layout="BNSD",
+                                   actual_seq_lengths_kv=torch.tensor([3], device="meta"))
+
+
+def test_integer_lengths_tensors_and_tuples_are_accepted():
+    q, k, v = make_qkv("BSND", 2, 2, 2, 5, 7, 16, torch.float32)
+    kw = dict(num_heads=2, input_layout="BSND")
+    expected = npu_prompt_flash_attention(q, k, v, actual_seq_lengths=[3, 5], actual_seq_lengths_kv=[7, 2], **kw)
+    for form in (tuple, lambda x: torch.tensor(x, dtype=torch.int32), lambda x: torch.tensor(x, dtype=torch.uint8)):
+        actual = npu_prompt_flash_attention(q, k, v, actual_seq_lengths=form([3, 5]),
+                                            actual_seq_lengths_kv=form([7, 2]), **kw)
+        torch.testing.assert_close(actual, expected)

@@ -14,7 +14,7 @@ import torch
 
 from vllm_pfa.ops import fast_path
 from vllm_pfa.ops.reference import reference_prompt_flash_attention
-from vllm_pfa.ops.validation import PFAProblem, validate
+from vllm_pfa.ops.validation import lengths_list, validate
 
 OP_NAME = "vllm_pfa::npu_prompt_flash_attention"
 DEFAULT_PRE_TOKENS = 2147473647  # torch_npu's default, as published
@@ -24,14 +24,6 @@ IntList = Sequence[int] | torch.Tensor | None
 
 def _runs_on_npu(query: torch.Tensor) -> bool:
     return query.device.type == "npu"
-
-
-def _as_int_list(lengths: IntList) -> list[int] | None:
-    if isinstance(lengths, torch.Tensor):
-        if lengths.dim() > 1 or lengths.is_floating_point():
-            return lengths  # validate() rejects it with a precise message
-        return [int(x) for x in lengths.tolist()]
-    return None if lengths is None else list(lengths)
 
 
 def npu_prompt_flash_attention(
@@ -59,24 +51,23 @@ def npu_prompt_flash_attention(
 ) -> torch.Tensor:
     """Prompt Flash Attention (full-sequence FA) with torch_npu's contract; see the operator spec."""
     kwargs = dict(
-        pse_shift=pse_shift, padding_mask=padding_mask, atten_mask=atten_mask,
-        actual_seq_lengths=_as_int_list(actual_seq_lengths), deq_scale1=deq_scale1, quant_scale1=quant_scale1,
-        deq_scale2=deq_scale2, quant_scale2=quant_scale2, quant_offset2=quant_offset2, num_heads=num_heads,
-        scale_value=scale_value, pre_tokens=pre_tokens, next_tokens=next_tokens, input_layout=input_layout,
-        num_key_value_heads=num_key_value_heads, actual_seq_lengths_kv=_as_int_list(actual_seq_lengths_kv),
-        sparse_mode=sparse_mode,
+        pse_shift=pse_shift, padding_mask=padding_mask, atten_mask=atten_mask, actual_seq_lengths=actual_seq_lengths,
+        deq_scale1=deq_scale1, quant_scale1=quant_scale1, deq_scale2=deq_scale2, quant_scale2=quant_scale2,
+        quant_offset2=quant_offset2, num_heads=num_heads, scale_value=scale_value, pre_tokens=pre_tokens,
+        next_tokens=next_tokens, input_layout=input_layout, num_key_value_heads=num_key_value_heads,
+        actual_seq_lengths_kv=actual_seq_lengths_kv, sparse_mode=sparse_mode,
     )
-    if isinstance(query, torch.Tensor) and _runs_on_npu(query):
+    on_npu = isinstance(query, torch.Tensor) and _runs_on_npu(query)
+    if not on_npu:
+        # Checked here too: the dispatcher would reject ill-typed arguments with its own, less precise message.
+        validate(query, key, value, **kwargs)
+    # torch_npu and the op's schema take int lists; torch_npu checks its own arguments' devices.
+    for name in ("actual_seq_lengths", "actual_seq_lengths_kv"):
+        kwargs[name] = lengths_list(name, kwargs[name], None if on_npu else query.device)
+    if on_npu:
         torch_npu = importlib.import_module("torch_npu")
         return torch_npu.npu_prompt_flash_attention(query, key, value, **kwargs)
-    # Checked here too: the dispatcher would reject ill-typed arguments with its own, less precise message.
-    _validate(query, key, value, kwargs)
     return torch.ops.vllm_pfa.npu_prompt_flash_attention(query, key, value, **kwargs)
-
-
-def _validate(query, key, value, kwargs: dict) -> PFAProblem:
-    checked = {name: kwargs[name] for name in kwargs if name != "padding_mask"}  # padding_mask: reserved, unused
-    return validate(query, key, value, **checked)
 
 
 def _prompt_flash_attention_impl(
@@ -104,7 +95,7 @@ def _prompt_flash_attention_impl(
     """The op's CPU (and any non-NPU) implementation; its signature is the op's schema."""
     kwargs = dict(locals())
     del kwargs["query"], kwargs["key"], kwargs["value"]
-    problem = _validate(query, key, value, kwargs)
+    problem = validate(query, key, value, **kwargs)
     if query.numel() == 0:
         return query.new_empty(problem.out_shape, dtype=problem.out_dtype)
     if fast_path.handles(query, quant_scale2):
@@ -127,7 +118,7 @@ def _prompt_flash_attention_fake(*args, **kwargs):
     bound = _OP_SIGNATURE.bind(*args, **kwargs)
     bound.apply_defaults()
     query, key, value = (bound.arguments.pop(name) for name in ("query", "key", "value"))
-    problem = _validate(query, key, value, bound.arguments)
+    problem = validate(query, key, value, **bound.arguments)
     return query.new_empty(problem.out_shape, dtype=problem.out_dtype)
 
 
@@ -145,9 +136,7 @@ def reference_npu_prompt_flash_attention(query: torch.Tensor, key: torch.Tensor,
     if unknown:
         raise TypeError(f"npu_prompt_flash_attention: unexpected keyword arguments {sorted(unknown)}")
     full.update(kwargs)
-    full["actual_seq_lengths"] = _as_int_list(full["actual_seq_lengths"])
-    full["actual_seq_lengths_kv"] = _as_int_list(full["actual_seq_lengths_kv"])
-    problem = _validate(query, key, value, full)
+    problem = validate(query, key, value, **full)
     quant = {name: full[name] for name in ("deq_scale1", "quant_scale1", "deq_scale2", "quant_scale2", "quant_offset2")}
     return reference_prompt_flash_attention(query, key, value, problem, pse_shift=full["pse_shift"],
                                             atten_mask=full["atten_mask"], **quant)

@@ -3,6 +3,11 @@
 Every constraint of the operator's documentation (A2/A3 products) is checked here, before any compute, and answered
 with an error naming the parameter, the value and the rule. `validate` returns the normalized problem that the
 implementations (reference, fast path) and the fake (meta) implementation share.
+
+Every tensor argument must be on the query's device: a tensor elsewhere (a `meta` mask next to CPU q/k/v, say)
+would make the dispatcher pick another kernel than the query's. Under `torch.compile`, int arguments may arrive as
+`torch.SymInt` (Dynamo makes an int that changed between calls symbolic): they are accepted, and the range checks
+on them install guards, so a later value outside the range recompiles and is rejected there.
 """
 
 from collections.abc import Sequence
@@ -29,7 +34,15 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def fail(param: str, value: object, rule: str, error: type[Exception] = ValueError) -> Exception:
-    return error(f"npu_prompt_flash_attention: {param} = {value} is invalid: {rule}")
+    return error(f"npu_prompt_flash_attention: {param} = {_concrete(value)} is invalid: {rule}")
+
+
+def _concrete(value: object) -> object:
+    """Symbolic ints (graph mode) as their values, for an error message: specializing on them there is harmless,
+    and Dynamo cannot format a symbolic one (to which `isinstance(value, int)` answers True)."""
+    if isinstance(value, tuple):
+        return tuple(_concrete(item) for item in value)
+    return int(value) if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool) else value
 
 
 def _describe(tensor: torch.Tensor) -> str:
@@ -61,55 +74,75 @@ class PFAProblem:
         return self.num_heads // self.num_kv_heads
 
 
-def _check_tensor(name: str, tensor: object, allowed_dtypes: Sequence[torch.dtype], optional: bool) -> None:
+def _check_tensor(name: str, tensor: object, allowed_dtypes: Sequence[torch.dtype] | None, optional: bool,
+                  device: torch.device | None = None) -> None:
+    """Type, device (when given), dtype and contiguity; `allowed_dtypes` None checks type and device only."""
     if tensor is None:
         if optional:
             return
         raise fail(name, None, "a Tensor is required", TypeError)
     if not isinstance(tensor, torch.Tensor):
         raise fail(name, type(tensor).__name__, "must be a torch.Tensor", TypeError)
+    if device is not None and tensor.device != device:
+        raise fail(f"{name}.device", tensor.device, f"must equal query.device = {device}")
+    if allowed_dtypes is None:
+        return
     if tensor.dtype not in allowed_dtypes:
         raise fail(f"{name}.dtype", tensor.dtype, f"must be one of {[str(d) for d in allowed_dtypes]}", TypeError)
     if not tensor.is_contiguous():
         raise fail(name, _describe(tensor), "non-contiguous tensors are not supported")
 
 
-def _check_int(name: str, value: object, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _check_int(name: str, value: object, low: int = INT64_MIN, high: int = INT64_MAX) -> int | torch.SymInt:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise fail(name, repr(value), "must be an int", TypeError)
-    if not low <= value <= high:
+    if not low <= value <= high:  # on a SymInt: a guard
         raise fail(name, value, f"must be in [{low}, {high}]")
     return value
 
 
-def _actual_lengths(name: str, lengths: object, batch: int, seq: int, seq_name: str) -> tuple[int, ...]:
+_LENGTHS_RULE = "must be None, a list or tuple of ints, or a 1-D integer tensor"
+
+
+def lengths_list(name: str, lengths: object, device: torch.device | None) -> list | None:
+    """actual_seq_lengths(_kv) as a list (elements unchecked): None, a list/tuple, or a 1-D integer tensor on
+    `device` (any device when None)."""
+    if lengths is None or isinstance(lengths, (list, tuple)):
+        return None if lengths is None else list(lengths)
+    if not isinstance(lengths, torch.Tensor):
+        raise fail(name, repr(lengths), _LENGTHS_RULE, TypeError)
+    integral = not (lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool)
+    if lengths.dim() != 1 or not integral:
+        raise fail(name, _describe(lengths), _LENGTHS_RULE, TypeError)
+    if device is not None and lengths.device != device:
+        raise fail(f"{name}.device", lengths.device, f"must equal query.device = {device}")
+    if lengths.is_meta:
+        raise fail(name, f"{_describe(lengths)} on meta", "a meta tensor holds no values to read lengths from")
+    return lengths.tolist()
+
+
+def _actual_lengths(name: str, lengths: object, device: torch.device, batch: int, seq: int,
+                    seq_name: str) -> tuple[int, ...]:
     """Per-batch lengths: None means S; one value broadcasts; >= B values use the first B."""
+    lengths = lengths_list(name, lengths, device)
     if lengths is None:
         return (seq,) * batch
-    if isinstance(lengths, torch.Tensor):
-        if lengths.dim() > 1 or lengths.is_floating_point() or lengths.is_complex():
-            raise fail(name, _describe(lengths), "must be a 1-D integer tensor or a list of ints", TypeError)
-        lengths = lengths.tolist()
-    if not isinstance(lengths, (list, tuple)):
-        raise fail(name, repr(lengths), "must be a list of ints, a 1-D integer tensor or None", TypeError)
     if len(lengths) != 1 and len(lengths) < batch:
         raise fail(f"len({name})", len(lengths), f"must be 1 or >= B = {batch}")
     values = [_check_int(f"{name}[{i}]", v) for i, v in enumerate(lengths)]
     for i, value in enumerate(values[:batch]):
         if not 0 <= value <= seq:
-            raise fail(f"{name}[{i}]", value, f"must be in [0, {seq_name} = {seq}]")
+            raise fail(f"{name}[{i}]", value, f"must be in [0, {seq_name} = {_concrete(seq)}]")
     return tuple(values * batch) if len(values) == 1 else tuple(values[:batch])
 
 
 def _check_qkv(query, key, value, layout: str, num_heads: int, num_key_value_heads: int):
     _check_tensor("query", query, INPUT_DTYPES, optional=False)
-    _check_tensor("key", key, INPUT_DTYPES, optional=False)
-    _check_tensor("value", value, INPUT_DTYPES, optional=False)
+    _check_tensor("key", key, INPUT_DTYPES, optional=False, device=query.device)
+    _check_tensor("value", value, INPUT_DTYPES, optional=False, device=query.device)
     for name, tensor in (("key", key), ("value", value)):
         if tensor.dtype != query.dtype:
             raise fail(f"{name}.dtype", tensor.dtype, f"must equal query.dtype = {query.dtype}", TypeError)
-        if tensor.device != query.device:
-            raise fail(f"{name}.device", tensor.device, f"must equal query.device = {query.device}")
     ndim = 3 if layout == "BSH" else 4
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if tensor.dim() != ndim:
@@ -168,8 +201,8 @@ def _check_sizes(query, layout, batch, num_heads, kv_heads, q_seq, kv_seq, head_
             raise fail(name, seq, f"must be <= {MAX_SEQ}")
 
 
-def _check_mask(atten_mask, sparse_mode: int, batch: int, q_seq: int, kv_seq: int) -> None:
-    _check_tensor("atten_mask", atten_mask, MASK_DTYPES, optional=True)
+def _check_mask(atten_mask, sparse_mode: int, batch: int, q_seq: int, kv_seq: int, device: torch.device) -> None:
+    _check_tensor("atten_mask", atten_mask, MASK_DTYPES, optional=True, device=device)
     shape = None if atten_mask is None else list(atten_mask.shape)
     if sparse_mode in (2, 3, 4):
         size = COMPRESSED_MASK_SIZE
@@ -195,7 +228,7 @@ def _check_mask(atten_mask, sparse_mode: int, batch: int, q_seq: int, kv_seq: in
         raise fail("atten_mask.shape", shape, rule)
 
 
-def _check_pse(pse_shift, query_dtype, batch, num_heads, q_seq, kv_seq) -> None:
+def _check_pse(pse_shift, query_dtype, query_device, batch, num_heads, q_seq, kv_seq) -> None:
     if pse_shift is None:
         return
     allowed = {
@@ -204,7 +237,7 @@ def _check_pse(pse_shift, query_dtype, batch, num_heads, q_seq, kv_seq) -> None:
         torch.bfloat16: (torch.bfloat16,),
         torch.float32: (torch.float32,),
     }[query_dtype]
-    _check_tensor("pse_shift", pse_shift, allowed, optional=False)
+    _check_tensor("pse_shift", pse_shift, allowed, optional=False, device=query_device)
     shape = list(pse_shift.shape)
     if not (
         pse_shift.dim() == 4 and shape[0] in (1, batch) and shape[1] == num_heads
@@ -219,12 +252,12 @@ def _check_pse(pse_shift, query_dtype, batch, num_heads, q_seq, kv_seq) -> None:
 def _check_quant(query, layout, num_heads, head_dim, deq_scale1, quant_scale1, deq_scale2, quant_scale2,
                  quant_offset2) -> torch.dtype:
     """Checks the int8 parameter combinations; returns the output dtype."""
-    _check_tensor("deq_scale1", deq_scale1, DEQ_SCALE_DTYPES, optional=True)
-    _check_tensor("quant_scale1", quant_scale1, (torch.float32,), optional=True)
-    _check_tensor("deq_scale2", deq_scale2, DEQ_SCALE_DTYPES, optional=True)
+    _check_tensor("deq_scale1", deq_scale1, DEQ_SCALE_DTYPES, optional=True, device=query.device)
+    _check_tensor("quant_scale1", quant_scale1, (torch.float32,), optional=True, device=query.device)
+    _check_tensor("deq_scale2", deq_scale2, DEQ_SCALE_DTYPES, optional=True, device=query.device)
     out_scale_dtypes = (torch.float32, torch.bfloat16) if query.dtype == torch.bfloat16 else (torch.float32,)
-    _check_tensor("quant_scale2", quant_scale2, out_scale_dtypes, optional=True)
-    _check_tensor("quant_offset2", quant_offset2, out_scale_dtypes, optional=True)
+    _check_tensor("quant_scale2", quant_scale2, out_scale_dtypes, optional=True, device=query.device)
+    _check_tensor("quant_offset2", quant_offset2, out_scale_dtypes, optional=True, device=query.device)
     for name, scale in (("deq_scale1", deq_scale1), ("quant_scale1", quant_scale1), ("deq_scale2", deq_scale2)):
         if scale is not None and scale.numel() != 1:
             raise fail(f"{name}.shape", list(scale.shape), "only per-tensor (one element) is supported")
@@ -276,13 +309,13 @@ def _check_int8_output_rows(problem: PFAProblem, has_mask: bool, has_offset: boo
         )
         if broken:
             raise fail(
-                f"batch {b} (actual_seq_lengths={aq}, actual_seq_lengths_kv={akv})", (pre, nxt),
+                f"batch {b} (actual_seq_lengths={_concrete(aq)}, actual_seq_lengths_kv={_concrete(akv)})", (pre, nxt),
                 f"with int8 output and quant_offset2, sparse_mode = {mode} would leave rows uncomputed",
             )
 
 
 def validate(
-    query, key, value, *, pse_shift, atten_mask, actual_seq_lengths, deq_scale1, quant_scale1, deq_scale2,
+    query, key, value, *, pse_shift, padding_mask, atten_mask, actual_seq_lengths, deq_scale1, quant_scale1, deq_scale2,
     quant_scale2, quant_offset2, num_heads, scale_value, pre_tokens, next_tokens, input_layout,
     num_key_value_heads, actual_seq_lengths_kv, sparse_mode,
 ) -> PFAProblem:
@@ -294,18 +327,19 @@ def validate(
     _check_int("num_key_value_heads", num_key_value_heads, 0, MAX_HEADS)
     _check_int("pre_tokens", pre_tokens)
     _check_int("next_tokens", next_tokens)
-    if isinstance(sparse_mode, bool) or not isinstance(sparse_mode, int):
-        raise fail("sparse_mode", repr(sparse_mode), "must be an int", TypeError)
+    _check_int("sparse_mode", sparse_mode)
     if sparse_mode not in SPARSE_MODES:
-        raise fail("sparse_mode", sparse_mode, f"sparse_mode = {sparse_mode} is out of range (supported: 0..4)")
-    if isinstance(scale_value, bool) or not isinstance(scale_value, (int, float)):
+        mode = _concrete(sparse_mode)
+        raise fail("sparse_mode", mode, f"sparse_mode = {mode} is out of range (supported: 0..4)")
+    if isinstance(scale_value, bool) or not isinstance(scale_value, (int, float, torch.SymInt, torch.SymFloat)):
         raise fail("scale_value", repr(scale_value), "must be a float", TypeError)
     batch, kv_heads, q_seq, kv_seq, head_dim = _check_qkv(
         query, key, value, input_layout, num_heads, num_key_value_heads
     )
     _check_sizes(query, input_layout, batch, num_heads, kv_heads, q_seq, kv_seq, head_dim)
-    _check_mask(atten_mask, sparse_mode, batch, q_seq, kv_seq)
-    _check_pse(pse_shift, query.dtype, batch, num_heads, q_seq, kv_seq)
+    _check_tensor("padding_mask", padding_mask, None, optional=True, device=query.device)  # reserved, never read
+    _check_mask(atten_mask, sparse_mode, batch, q_seq, kv_seq, query.device)
+    _check_pse(pse_shift, query.dtype, query.device, batch, num_heads, q_seq, kv_seq)
     out_dtype = _check_quant(
         query, input_layout, num_heads, head_dim, deq_scale1, quant_scale1, deq_scale2, quant_scale2, quant_offset2
     )
@@ -314,8 +348,9 @@ def validate(
     problem = PFAProblem(
         layout=input_layout, batch=batch, num_heads=num_heads, num_kv_heads=kv_heads, head_dim=head_dim,
         q_seq=q_seq, kv_seq=kv_seq,
-        actual_q=_actual_lengths("actual_seq_lengths", actual_seq_lengths, batch, q_seq, "query S"),
-        actual_kv=_actual_lengths("actual_seq_lengths_kv", actual_seq_lengths_kv, batch, kv_seq, "key/value S"),
+        actual_q=_actual_lengths("actual_seq_lengths", actual_seq_lengths, query.device, batch, q_seq, "query S"),
+        actual_kv=_actual_lengths("actual_seq_lengths_kv", actual_seq_lengths_kv, query.device, batch, kv_seq,
+                                  "key/value S"),
         sparse_mode=sparse_mode, pre_tokens=pre_tokens, next_tokens=next_tokens, scale_value=float(scale_value),
         out_shape=output_shape(query.shape, input_layout), out_dtype=out_dtype,
     )
