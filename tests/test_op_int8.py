@@ -108,3 +108,19 @@ def test_float_input_int8_output(layout, dtype, scale_dtype):
         expected = base * channel + 2.0
     expected = torch.round(expected).clamp(-128, 127)
     assert (out.float() - expected).abs().max() <= 1
+
+
+@pytest.mark.parametrize("output", ["fp16", "int8"])
+def test_int8_batch_without_keys_gives_zero_rows(output):
+    """actual_seq_lengths_kv may be 0 (the spec's range is [0, S]): that batch's rows keep no key and are 0."""
+    q, k, v = make_qkv("BNSD", 2, 2, 1, 4, 6, 32, torch.int8, seed=5)
+    kwargs = dict(num_heads=2, num_key_value_heads=1, input_layout="BNSD",
+                  deq_scale1=npu_trans_quant_param(torch.tensor([0.01])), quant_scale1=torch.tensor([100.0]),
+                  deq_scale2=npu_trans_quant_param(torch.tensor([0.01])))
+    if output == "int8":
+        kwargs.update(quant_scale2=torch.tensor([30.0]), quant_offset2=torch.tensor([2.0]))
+    out = npu_prompt_flash_attention(q, k, v, actual_seq_lengths_kv=[6, 0], **kwargs)
+    alone = npu_prompt_flash_attention(q[:1], k[:1], v[:1], **kwargs)
+    assert torch.equal(out[:1], alone)
+    zero = torch.zeros_like(out[1]) if output == "fp16" else torch.full_like(out[1], 2)  # 0 * scale + offset
+    assert torch.equal(out[1], zero)

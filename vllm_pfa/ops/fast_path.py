@@ -6,6 +6,8 @@ Band-shaped problems (modes 0 without a mask, 2, 3, 4; no pse_shift) run the pac
 torch's SDPA (`sdpa_path`) and other causal and unmasked problems to vLLM's CPU attention kernel
 (`vllm_cpu_kernel`). Everything else float runs `blockwise_prompt_flash_attention`: query rows in blocks, each
 block reading only the key range its rows can keep, so no S1 x S2 matrix is built and fully masked work is skipped.
+SDPA and vLLM's kernel multiply masked keys' values by 0 and handle non-finite scores their own way, so problems
+reading a NaN or inf go to the blockwise path, which follows the reference's NaN/Inf policy (`reference`).
 """
 
 import torch
@@ -13,6 +15,7 @@ import torch
 from vllm_pfa.ops import native_kernel, sdpa_path, vllm_cpu_kernel
 from vllm_pfa.ops.layout import from_bnsd, to_bnsd
 from vllm_pfa.ops.masks import batch_mask, key_range, keep_block
+from vllm_pfa.ops.reference import kept_values_sum
 from vllm_pfa.ops.validation import FLOAT_DTYPES, PFAProblem
 
 # fp32 score elements one block may hold (64 MiB): bounds memory for any sequence length.
@@ -33,11 +36,23 @@ def fast_prompt_flash_attention(query, key, value, problem: PFAProblem, *, pse_s
     if bands is not None:
         return native_kernel.run(query, key, value, problem, bands)
     if sdpa_path.handles(problem, query.dtype, **features):
-        return sdpa_path.run(query, key, value, problem)
-    kernel_plan = vllm_cpu_kernel.plan(problem, query.dtype, **features) if on_cpu else None
-    if kernel_plan is not None:
-        return vllm_cpu_kernel.run(query, key, value, problem, kernel_plan)
+        delegate = lambda: sdpa_path.run(query, key, value, problem)  # noqa: E731
+    else:
+        kernel_plan = vllm_cpu_kernel.plan(problem, query.dtype, **features) if on_cpu else None
+        delegate = None if kernel_plan is None else lambda: vllm_cpu_kernel.run(query, key, value, problem, kernel_plan)
+    if delegate is not None and _reads_only_finite(query, key, value, problem):
+        return delegate()
     return blockwise_prompt_flash_attention(query, key, value, problem, pse_shift=pse_shift, atten_mask=atten_mask)
+
+
+def _reads_only_finite(query, key, value, problem: PFAProblem) -> bool:
+    """Whether every query row and key/value the problem reads (within the actual lengths) is finite."""
+    p = problem
+    q = to_bnsd(query, p.layout, p.num_heads)
+    k = to_bnsd(key, p.layout, p.num_kv_heads)
+    v = to_bnsd(value, p.layout, p.num_kv_heads)
+    return all(bool(torch.isfinite(t).all()) for b, (aq, akv) in enumerate(zip(p.actual_q, p.actual_kv))
+               for t in (q[b, :, :aq], k[b, :, :akv], v[b, :, :akv]))
 
 
 def _block_rows(num_heads: int, key_len: int) -> int:
@@ -81,6 +96,7 @@ def blockwise_prompt_flash_attention(query, key, value, problem: PFAProblem, *, 
             kept_rows = keep.any(dim=-1, keepdim=True)
             if not bool(kept_rows.all()):
                 probs = torch.where(kept_rows, probs, 0.0)
-            pv = probs.view(p.num_kv_heads, -1, hi - lo) @ vb[:, lo:hi]
+            # rows of the grouped view are (query head in group, row): the block's keep repeats per group head
+            pv = kept_values_sum(probs.view(p.num_kv_heads, -1, hi - lo), keep.repeat(group, 1), vb[:, lo:hi])
             out[b, :, row_start:row_end] = pv.view(p.num_heads, row_end - row_start, -1).to(p.out_dtype)
     return from_bnsd(out, p.layout)

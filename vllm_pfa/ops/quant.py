@@ -26,8 +26,8 @@ def deq_scale_value(deq_scale: torch.Tensor) -> float:
 
 
 def saturate_int8(values: torch.Tensor) -> torch.Tensor:
-    """round-half-even then saturate to int8."""
-    return torch.round(values).clamp(-128, 127).to(torch.int8)
+    """round-half-even then saturate to int8; NaN becomes 0 (a float-to-int cast of NaN is undefined)."""
+    return torch.round(torch.nan_to_num(values, nan=0.0)).clamp(-128, 127).to(torch.int8)
 
 
 def quantize_output(out_bnsd: torch.Tensor, quant_scale2: torch.Tensor, quant_offset2: torch.Tensor | None,
