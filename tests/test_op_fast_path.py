@@ -268,3 +268,34 @@ def test_padding_past_actual_lengths_is_never_read(mode, implementation):
     poisoned = call(q, k, v, **kwargs)
     assert not poisoned.isnan().any()
     torch.testing.assert_close(poisoned, clean)
+
+
+def _d1_unit_free_stride(layout, batch, heads, seq, gen):
+    """A D = 1 tensor that torch calls contiguous although its last stride is not 1 (size-1 strides are free)."""
+    if layout == "BSH":  # H = N * D = 1
+        return torch.randn(batch, 1, seq, generator=gen).transpose(1, 2)
+    if layout == "BSND":
+        return torch.randn(batch, seq, 1, heads, generator=gen).transpose(2, 3)
+    return torch.randn(batch, heads, 1, seq, generator=gen).transpose(2, 3)
+
+
+@pytest.mark.parametrize("layout", ["BSH", "BSND", "BNSD", "BNSD_BSND"])
+@pytest.mark.parametrize("mode", [0, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_dim_1_with_free_last_stride(layout, mode, dtype):
+    """Every route (the native kernel reads D-element rows at stride 1) and the reference compute such tensors."""
+    from test_op_reference import brute_force
+
+    gen = torch.Generator().manual_seed(0)
+    heads = 1 if layout == "BSH" else 2
+    q, k, v = (_d1_unit_free_stride(layout, 2, heads, seq, gen).to(dtype) for seq in (40, 48, 48))
+    assert q.is_contiguous() and q.stride(-1) != 1
+    kwargs = dict(num_heads=heads, input_layout=layout, scale_value=0.5, sparse_mode=mode,
+                  actual_seq_lengths=[40, 17], actual_seq_lengths_kv=[48, 30])
+    if mode == 3:
+        kwargs["atten_mask"] = compressed_causal_mask()
+    expected = brute_force(q, k, v, **kwargs)
+    reference = reference_npu_prompt_flash_attention(q, k, v, **kwargs)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(reference.double(), expected, atol=tol, rtol=tol)
+    _assert_matches_reference(q, k, v, kwargs, npu_prompt_flash_attention(q, k, v, **kwargs))

@@ -6,13 +6,17 @@ LAYOUTS = ("BSH", "BSND", "BNSD", "BNSD_BSND")
 
 
 def to_bnsd(tensor: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
-    """A [B, N, S, D] view of a query/key/value given in `layout` (no copy)."""
+    """A [B, N, S, D] view of a query/key/value given in `layout` (no copy), its D axis at stride 1."""
     if layout == "BSH":
         batch, seq, hidden = tensor.shape
-        return tensor.view(batch, seq, heads, hidden // heads).transpose(1, 2)
-    if layout == "BSND":
-        return tensor.transpose(1, 2)
-    return tensor  # BNSD and BNSD_BSND take BNSD in
+        tensor = tensor.view(batch, seq, heads, hidden // heads).transpose(1, 2)
+    elif layout == "BSND":
+        tensor = tensor.transpose(1, 2)
+    # torch calls a tensor contiguous whatever the strides of its size-1 axes, so a D = 1 input may have any last
+    # stride; kernels read rows of D elements at stride 1, and with one element the stride is free to set.
+    if tensor.shape[-1] == 1 and tensor.stride(-1) != 1:
+        tensor = tensor.as_strided(tensor.shape, (*tensor.stride()[:-1], 1), tensor.storage_offset())
+    return tensor
 
 
 def from_bnsd(out: torch.Tensor, layout: str) -> torch.Tensor:
