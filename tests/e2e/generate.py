@@ -1,21 +1,30 @@
-"""Runs the shared scenarios on one backend in this process and writes tokens and PFA counters as JSON."""
+"""Runs shared scenarios (vllm_pfa.scenarios.RUNS) on one backend in this process; writes their results and the PFA
+counters as JSON.
 
+    generate.py BACKEND OUT.json [--model tiny] [--dtype float32] [--run tokens ...]
+"""
+
+import argparse
 import json
 import os
-import sys
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in-process: the PFA counters are readable here
 
-import vllm_pfa  # noqa: E402,F401  (registers the backend name before LLM parses attention_config)
 from vllm import LLM  # noqa: E402
 
 from vllm_pfa.backend.stats import STATS  # noqa: E402
 from vllm_pfa.model_builder import build_model  # noqa: E402
-from vllm_pfa.scenarios import engine_kwargs, run_all  # noqa: E402
+from vllm_pfa.scenarios import RUNS, engine_kwargs  # noqa: E402
 
 if __name__ == "__main__":
-    backend, out_path = sys.argv[1], sys.argv[2]
-    llm = LLM(**engine_kwargs(str(build_model("tiny")), backend))
-    tokens = run_all(llm)
-    with open(out_path, "w") as f:
-        json.dump({"tokens": tokens, "stats": STATS.snapshot()}, f)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("backend")
+    parser.add_argument("out")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--run", action="append", choices=list(RUNS), help="default: tokens")
+    args = parser.parse_args()
+    llm = LLM(**engine_kwargs(str(build_model(args.model)), args.backend, args.dtype))
+    results = {name: RUNS[name](llm) for name in args.run or ["tokens"]}
+    with open(args.out, "w") as f:
+        json.dump({**results, "stats": STATS.snapshot()}, f)
