@@ -39,6 +39,7 @@ class ModelSpec:
     init_std: float = 0.1  # larger than usual so that random-weight logits are peaked (no near-ties in greedy)
     seed: int = 0
     attention_head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    encoder_only: bool = False  # a BERT embedding model (bidirectional, no KV cache; heads are MHA) instead
 
     @property
     def head_dim(self) -> int:
@@ -54,6 +55,13 @@ SPECS = {
     # CPUs without bf16 instructions) dominated: a 1.2-1.3x faster attention moved throughput by 0.4%.
     "bench": ModelSpec("bench", hidden_size=1024, num_attention_heads=32, num_key_value_heads=8,
                        num_hidden_layers=2, intermediate_size=512, init_std=0.02, attention_head_dim=128),
+    # Tensor parallel: 6 query heads over 2 kv heads, so that TP=2 gives each rank 3 over 1.
+    "tp6x2": ModelSpec("tp6x2", hidden_size=384, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=2,
+                       intermediate_size=512),
+    # Encoder-only embedding model (`--runner pooling`): BERT, 4 heads x 64, positions up to 512.
+    "bert_encoder": ModelSpec("bert_encoder", hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
+                              num_hidden_layers=2, intermediate_size=512, max_position_embeddings=512,
+                              init_std=0.02, encoder_only=True),
 }
 
 
@@ -85,7 +93,22 @@ def _train_tokenizer(spec: ModelSpec, out_dir: Path) -> None:
     fast.save_pretrained(out_dir)
 
 
+def _write_encoder_model(spec: ModelSpec, out_dir: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+        max_position_embeddings=spec.max_position_embeddings, initializer_range=spec.init_std, pad_token_id=0,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(spec.seed)
+    BertModel(config).save_pretrained(out_dir, safe_serialization=True)  # transformers' init from the seed
+
+
 def _write_model(spec: ModelSpec, out_dir: Path) -> None:
+    if spec.encoder_only:
+        return _write_encoder_model(spec, out_dir)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
