@@ -39,7 +39,7 @@ class ModelSpec:
     init_std: float = 0.1  # larger than usual so that random-weight logits are peaked (no near-ties in greedy)
     seed: int = 0
     attention_head_dim: int | None = None  # None: hidden_size // num_attention_heads
-    encoder_only: bool = False  # a BERT embedding model (bidirectional, no KV cache; heads are MHA) instead
+    encoder_only: bool = False  # True: a BERT embedding model (bidirectional, no KV cache, MHA), not a Llama
 
     @property
     def head_dim(self) -> int:
