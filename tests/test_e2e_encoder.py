@@ -1,0 +1,105 @@
+"""End to end, encoder-only: a BERT embedding model (bidirectional attention, no KV cache) embedded offline with
+`LLM.embed` and served with `vllm serve --runner pooling`, PFA against CPU_ATTN, in fp32."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_pfa.model_builder import build_model
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).parent
+VLLM = str(Path(sys.executable).parent / "vllm")
+MIN_COSINE = 0.99999
+
+sys.path.insert(0, str(HERE / "e2e"))
+from embed import EMBED_PROMPTS  # noqa: E402
+
+
+def _embed(backend: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{backend}.json"
+    proc = subprocess.run([sys.executable, str(HERE / "e2e" / "embed.py"), backend, str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("embed")
+    return {backend: _embed(backend, tmp) for backend in ("PFA", "CPU_ATTN")}
+
+
+def _cosines(actual: list[list[float]], expected: list[list[float]]) -> list[float]:
+    assert len(actual) == len(expected) == len(EMBED_PROMPTS)
+    return [torch.nn.functional.cosine_similarity(torch.tensor(a, dtype=torch.float64),
+                                                  torch.tensor(e, dtype=torch.float64), dim=0).item()
+            for a, e in zip(actual, expected)]
+
+
+def test_offline_embeddings_match_default_backend(offline):
+    cosines = _cosines(offline["PFA"]["embeddings"], offline["CPU_ATTN"]["embeddings"])
+    print(f"offline embed, PFA vs CPU_ATTN cosines: {cosines}")
+    assert min(cosines) > MIN_COSINE
+
+
+def test_offline_encoder_attention_went_through_pfa(offline):
+    stats = offline["PFA"]["stats"]
+    num_layers = 2
+    assert stats["prefill_calls"] >= num_layers and stats["prefill_tokens"] % num_layers == 0
+    assert stats["prefill_tokens"] >= num_layers * len(EMBED_PROMPTS)  # every input's every token, one-token ones too
+    assert stats["decode_tokens"] == stats["context_tokens"] == stats["existing_path_prefill_tokens"] == 0
+    assert offline["CPU_ATTN"]["stats"]["prefill_calls"] == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_embeddings_with_openai_client(offline, tmp_path):
+    import openai
+
+    model = str(build_model("bert_encoder"))
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [VLLM, "serve", model, "--runner", "pooling", "--attention-backend", "pfa", "--host", "127.0.0.1",
+             "--port", str(port), "--dtype", "float32", "--gpu-memory-utilization", "0.1", "--enforce-eager",
+             "--seed", "0"],
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, VLLM_LOGGING_LEVEL="DEBUG"))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        deadline = time.time() + 300
+        while True:
+            assert server.poll() is None, log_path.read_text()[-4000:]
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(2)
+        response = client.embeddings.create(model=model, input=EMBED_PROMPTS, encoding_format="float")
+        served = [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    for reference in ("PFA", "CPU_ATTN"):
+        cosines = _cosines(served, offline[reference]["embeddings"])
+        print(f"served (PFA) vs offline {reference} cosines: {cosines}")
+        assert min(cosines) > MIN_COSINE
+    log_text = log_path.read_text()
+    assert "Using the PFA attention backend" in log_text
+    prefill_tokens = [int(n) for n in re.findall(r"PFA step: 0 decode tokens, (\d+) prefill tokens", log_text)]
+    assert sum(prefill_tokens) >= len(EMBED_PROMPTS)
