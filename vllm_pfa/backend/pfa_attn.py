@@ -115,10 +115,11 @@ class PFAMetadataBuilder(CPUAttentionMetadataBuilder):
         if isinstance(cm.causal, torch.Tensor):  # only vLLM's GPU model runner v2 sets it (DiffusionGemma)
             raise NotImplementedError("The PFA attention backend does not support per-request causality "
                                       "(CommonAttentionMetadata.causal as a tensor).")
-        num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = split_decodes_and_prefills(
-            cm, decode_threshold=self.reorder_batch_threshold)
         if self.is_encoder_only_attention:  # no KV cache: every request is a fresh prefill, one-token inputs too
             num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = 0, cm.num_reqs, 0, cm.num_actual_tokens
+        else:
+            num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = split_decodes_and_prefills(
+                cm, decode_threshold=self.reorder_batch_threshold)
         query_start = cm.query_start_loc_cpu.tolist()
         # Host copies only: on CPU seq_lens is host memory; elsewhere vLLM's host upper bound is exact for prefills.
         seq_lens_host = (cm.seq_lens if cm.seq_lens.device.type == "cpu" else cm.seq_lens_cpu_upper_bound).tolist()
