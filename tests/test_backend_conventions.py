@@ -175,14 +175,3 @@ def test_per_request_causality_is_refused():
     batch.metadata.causal = torch.tensor([1, 0], dtype=torch.int32)
     with pytest.raises(NotImplementedError, match="per-request causality"):
         builder.build(0, batch.metadata)
-
-
-@pytest.mark.parametrize("attn_type,supported", [
-    (AttentionType.DECODER, True), (AttentionType.ENCODER_ONLY, True),
-    (AttentionType.ENCODER, False), (AttentionType.ENCODER_DECODER, False)])
-def test_selection_names_what_is_refused(attn_type, supported):
-    reasons = PFAAttentionBackend.validate_configuration(
-        head_size=HEAD_SIZE, dtype=torch.float32, kv_cache_dtype="auto", block_size=32, use_mla=False,
-        has_sink=False, use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False,
-        device_capability=None, attn_type=attn_type, has_sliding_window=True, use_non_causal=True)
-    assert reasons == ([] if supported else [f"attention type {attn_type} not supported"])

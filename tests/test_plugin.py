@@ -61,10 +61,11 @@ def test_cpu_platform_honours_pfa_and_nothing_else():
 @pytest.mark.parametrize("overrides,reason", [
     (dict(kv_cache_dtype="fp8"), "kv_cache_dtype not supported"),
     (dict(head_size=48), "head_size not supported"),
-    (dict(attn_type="encoder_only"), "attention type encoder_only not supported"),
+    (dict(attn_type="encoder_decoder"), "attention type encoder_decoder not supported"),  # cross-attention
+    (dict(attn_type="encoder"), "attention type encoder not supported"),
     (dict(use_mla=True), "MLA not supported"),
     (dict(has_sink=True), "attention sinks not supported"),
-    (dict(use_non_causal=True), "non-causal attention not supported"),
+    (dict(use_mm_prefix=True), "partial multimodal token full attention not supported"),
 ])
 def test_unsupported_models_are_refused_clearly(overrides, reason):
     plugin.register()
@@ -72,9 +73,11 @@ def test_unsupported_models_are_refused_clearly(overrides, reason):
         CpuPlatform.get_attn_backend_cls(AttentionBackendEnum["PFA"], _selector(**overrides))
 
 
-def test_sliding_window_is_supported():
+@pytest.mark.parametrize("overrides", [dict(has_sliding_window=True), dict(use_non_causal=True),
+                                       dict(attn_type="encoder_only")])
+def test_windows_bidirectional_and_encoder_only_layers_are_supported(overrides):
     plugin.register()
-    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum["PFA"], _selector(has_sliding_window=True))
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum["PFA"], _selector(**overrides))
 
 
 def test_other_versions_are_refused_with_a_log_line(caplog):
