@@ -13,14 +13,12 @@ import pytest
 import torch
 
 from vllm_pfa.model_builder import build_model
+from vllm_pfa.scenarios import EMBED_INPUTS
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
 VLLM = str(Path(sys.executable).parent / "vllm")
 MIN_COSINE = 0.99999
-
-sys.path.insert(0, str(HERE / "e2e"))
-from embed import EMBED_PROMPTS  # noqa: E402
 
 
 def _embed(backend: str, tmp_path: Path) -> dict:
@@ -38,7 +36,7 @@ def offline(tmp_path_factory):
 
 
 def _cosines(actual: list[list[float]], expected: list[list[float]]) -> list[float]:
-    assert len(actual) == len(expected) == len(EMBED_PROMPTS)
+    assert len(actual) == len(expected) == len(EMBED_INPUTS)
     return [torch.nn.functional.cosine_similarity(torch.tensor(a, dtype=torch.float64),
                                                   torch.tensor(e, dtype=torch.float64), dim=0).item()
             for a, e in zip(actual, expected)]
@@ -54,7 +52,7 @@ def test_offline_encoder_attention_went_through_pfa(offline):
     stats = offline["PFA"]["stats"]
     num_layers = 2
     assert stats["prefill_calls"] >= num_layers and stats["prefill_tokens"] % num_layers == 0
-    assert stats["prefill_tokens"] >= num_layers * len(EMBED_PROMPTS)  # every input's every token, one-token ones too
+    assert stats["prefill_tokens"] >= num_layers * len(EMBED_INPUTS)  # every input's every token, one-token ones too
     assert stats["decode_tokens"] == stats["context_tokens"] == stats["existing_path_prefill_tokens"] == 0
     assert offline["CPU_ATTN"]["stats"]["prefill_calls"] == 0
 
@@ -90,7 +88,7 @@ def test_serve_embeddings_with_openai_client(offline, tmp_path):
             except openai.APIConnectionError:
                 assert time.time() < deadline, "server did not come up"
                 time.sleep(2)
-        response = client.embeddings.create(model=model, input=EMBED_PROMPTS, encoding_format="float")
+        response = client.embeddings.create(model=model, input=EMBED_INPUTS, encoding_format="float")
         served = [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
     finally:
         server.terminate()
@@ -102,4 +100,4 @@ def test_serve_embeddings_with_openai_client(offline, tmp_path):
     log_text = log_path.read_text()
     assert "Using the PFA attention backend" in log_text
     prefill_tokens = [int(n) for n in re.findall(r"PFA step: 0 decode tokens, (\d+) prefill tokens", log_text)]
-    assert sum(prefill_tokens) >= len(EMBED_PROMPTS)
+    assert sum(prefill_tokens) >= len(EMBED_INPUTS)

@@ -129,3 +129,8 @@ def run_prompt_logprobs(llm: LLM) -> list[float]:
 
 # What tests/e2e/generate.py can run, by name; each result is JSON-serializable.
 RUNS = {"tokens": run_all, "chat": run_chat, "prompt_logprobs": run_prompt_logprobs}
+
+
+# Inputs of the encoder-only (embedding) end-to-end tests: from one token to most of BERT's 512 positions, embedded
+# in one batch.
+EMBED_INPUTS = ["attention", "the model is a token", "prefill and decode " * 20, "kalomi nerusa tivo " * 90]

@@ -4,7 +4,6 @@ writes the greedy tokens as JSON. The ranks are worker processes; the test reads
 import json
 import sys
 
-import vllm_pfa  # noqa: F401  (registers the backend name before LLM parses attention_config)
 from vllm import LLM
 
 from vllm_pfa.model_builder import build_model
