@@ -1,9 +1,6 @@
-"""The Ascend adapter's platform-independent parts, on CPU: vllm-ascend's cache layout and the shared PFA prefill.
-
-The vllm-ascend subclasses themselves (`vllm_pfa.backend.ascend_attn`) need vllm_ascend and torch_npu, which cannot
-be installed here (CANN); that module is skipped below with the reason, and the code it runs for prefill is what
-these tests exercise.
-"""
+"""The Ascend adapter's platform-independent parts, in this process: vllm-ascend's cache layout and the shared PFA
+prefill. The vllm-ascend subclasses themselves (`vllm_pfa.backend.ascend_attn`) run against vllm-ascend's released
+source in the contract suite (tests/ascend_contract, started by test_ascend_contract.py)."""
 
 import importlib.util
 import math
@@ -43,6 +40,29 @@ def test_gather_reads_blocks_in_table_order():
     assert torch.equal(keys_pair, keys[:10]) and torch.equal(values_pair, values[:10])
 
 
+def test_gather_reads_the_block_size_off_the_cache_and_ignores_extra_entries():
+    """The block table is in kernel blocks; a whole row (trailing entries included) is what the adapter passes."""
+    cache = torch.randn(2, 9, BLOCK_SIZE, KV_HEADS, HEAD_SIZE)
+    row = torch.tensor([7, 2, 0, 0, 0])
+    keys, values = torch.empty(BLOCK_SIZE + 5, KV_HEADS, HEAD_SIZE), torch.empty(BLOCK_SIZE + 5, KV_HEADS, HEAD_SIZE)
+    ascend_kv.gather(cache, row, BLOCK_SIZE + 5, keys, values)
+    assert torch.equal(keys, cache[0, [7, 2]].flatten(0, 1)[: BLOCK_SIZE + 5])
+    with pytest.raises(ValueError, match="need 3 blocks of 32, but the block table row has 2"):
+        ascend_kv.gather(cache, row[:2], 2 * BLOCK_SIZE + 1, torch.empty(80, KV_HEADS, HEAD_SIZE),
+                         torch.empty(80, KV_HEADS, HEAD_SIZE))
+
+
+def test_gather_heads_major_layout():
+    """VLLM_KV_CACHE_LAYOUT=HND / LBHNC: (2, num_blocks, kv_heads, block_size, head)."""
+    cache = torch.randn(2, 6, BLOCK_SIZE, KV_HEADS, HEAD_SIZE)
+    blocks, seq_len = torch.tensor([3, 0]), BLOCK_SIZE + 7
+    expected = [torch.empty(seq_len, KV_HEADS, HEAD_SIZE) for _ in range(2)]
+    ascend_kv.gather(cache, blocks, seq_len, *expected)
+    got = [torch.empty(seq_len, KV_HEADS, HEAD_SIZE) for _ in range(2)]
+    ascend_kv.gather(cache.transpose(2, 3).contiguous(), blocks, seq_len, *got, heads_major=True)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 @pytest.mark.parametrize("batch", ["mixed", "prefills_with_context", "fresh_prefills"])
 def test_prefill_over_ascend_cache_layout_matches_cpu_attn(batch):
     requests = BATCHES[batch]
@@ -69,11 +89,3 @@ def test_ascend_patch_is_inert_without_vllm_ascend():
     cpu_selection = CpuPlatform.get_attn_backend_cls
     assert ascend_attn_backend_selection.apply() is False
     assert CpuPlatform.get_attn_backend_cls == cpu_selection
-
-
-@pytest.mark.skipif(importlib.util.find_spec("vllm_ascend") is None,
-                    reason="vllm-ascend (needs CANN and an NPU) is not installable on this machine")
-def test_ascend_backend_module_imports():
-    from vllm_pfa.backend.ascend_attn import PFAAscendAttentionBackend
-
-    assert PFAAscendAttentionBackend.get_name() == "PFA"

@@ -7,7 +7,7 @@ Why: members added with `AttentionBackendEnum.register()` exist only in the proc
     `--attention-backend pfa` fails there with "'...PFAAttentionBackend' is not a valid AttentionBackendEnum".
 How: a `copyreg` reducer for AttentionBackendEnum (multiprocessing's pickler reads copyreg's table): the PFA
     member reduces to `vllm_pfa.plugin.backend_member("PFA")`; every other member reduces exactly as before.
-For: vllm 0.32.0.
+For: vLLM 0.32.0 (CPU) and 0.30.0 (vllm-ascend 0.30.0rc2's pairing; the same registry module and enum).
 Remove when: vLLM loads general plugins before unpickling the engine config, or pickles enum members by name.
 """
 
@@ -18,7 +18,7 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from vllm_pfa_patches.platform.selection import BACKEND_NAME, version_supported
 
-SUPPORTED_VLLM_VERSIONS = ("0.32.0",)
+SUPPORTED_VLLM_VERSIONS = ("0.30.0", "0.32.0")
 
 
 def _reduce(member: AttentionBackendEnum):

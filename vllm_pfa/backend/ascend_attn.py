@@ -1,18 +1,21 @@
 """The PFA backend on Ascend NPUs, built on vllm-ascend's attention backend.
 
 Decode stays on vllm-ascend's path (`AscendAttentionBackendImpl.forward_impl` on the decode rows: paged attention or
-FIA, as vllm-ascend decides); prefill rows go through one `npu_prompt_flash_attention` call per layer, planned once
-per step by the shared `prefill` module, with context K/V read from vllm-ascend's cache layout (`ascend_kv`).
+FIA, as vllm-ascend decides); prefill rows go through `npu_prompt_flash_attention`, planned once per step by the
+shared `prefill` module, with context K/V read from vllm-ascend's cache (`ascend_kv`). Bidirectional layers (pooling
+models, which vllm-ascend sends to its encoder path) go through PFA too, every request as a prefill.
 
-Written against vllm-ascend's `vllm_ascend/attention/attention_v1.py` (the builder's `metadata_cls` and
-`_build_backend_metadata` extension point, the impl's `forward_impl`, `key_cache`/`value_cache`). This module imports
-vllm_ascend and torch_npu, so it is only imported where they are installed (never on the CPU machines this project
-is tested on: its platform-independent parts, `prefill` and `ascend_kv`, are tested there).
+Written against vllm-ascend 0.30.0rc2's `vllm_ascend/attention/attention_v1.py` (the builder's `metadata_cls` and
+`_build_backend_metadata` extension point, the impl's `forward_impl`, `_forward_encoder_attention`,
+`key_cache`/`value_cache`). It imports vllm_ascend, so it is only imported where vllm-ascend is installed; on CPU the
+contract suite (tests/ascend_contract) runs it against vllm-ascend's released source with a torch_npu stand-in.
 """
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
+import vllm.envs as envs
 from vllm.v1.attention.backend import AttentionType
 from vllm_ascend.attention.attention_v1 import (
     AscendAttentionBackend,
@@ -40,14 +43,19 @@ class PFAAscendMetadataBuilder(AscendAttentionMetadataBuilder):
         extra = super()._build_backend_metadata(
             common_attn_metadata, block_table=block_table, query_lens=query_lens, seq_lens=seq_lens,
             num_decodes=num_decodes, num_prefills=num_prefills)
-        if num_prefills:
-            num_reqs = num_decodes + num_prefills
+        num_reqs = num_decodes + num_prefills
+        # Bidirectional attention has no decode rows: every request attends to all of its tokens through PFA.
+        first = num_decodes if common_attn_metadata.causal else 0
+        if num_reqs > first:
             query_start = common_attn_metadata.query_start_loc_cpu[: num_reqs + 1].tolist()
             extra["pfa_prefill"] = plan_prefill(
-                first=num_decodes, num_reqs=num_reqs, token_start=query_start[num_decodes], query_start=query_start,
+                first=first, num_reqs=num_reqs, token_start=query_start[first], query_start=query_start,
                 seq_lens_host=seq_lens[:num_reqs].tolist(),  # vllm-ascend's host copy
-                block_table=block_table, block_size=self.kv_cache_spec.block_size, device=self.device,
-                gather=ascend_kv.gather)
+                # The block table is in the cache's kernel blocks, which may be smaller than the spec's blocks:
+                # keep whole rows, and let the gather read the block size off the cache.
+                block_table=block_table, block_size=None, device=self.device,
+                gather=functools.partial(ascend_kv.gather,
+                                         heads_major=envs.VLLM_KV_CACHE_LAYOUT in ("LBHNC", "HND")))
         return extra
 
 
@@ -64,18 +72,31 @@ def _decode_rows(metadata: PFAAscendMetadata) -> PFAAscendMetadata:
 
 
 class PFAAscendAttentionImpl(AscendAttentionBackendImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # per causality of the step (CommonAttentionMetadata.causal), computed once per layer
+        self.pfa_mask_args = {causal: mask_arguments(self.sliding_window, causal) for causal in (True, False)}
+
+    def _run_pfa(self, query, key, value, attn_metadata: PFAAscendMetadata, output) -> None:
+        run_prefill(query, key, value, (self.key_cache, self.value_cache), attn_metadata.pfa_prefill, output,
+                    num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
+                    scale=self.scale, mask_args=self.pfa_mask_args[attn_metadata.causal])
+
     def forward_impl(self, query, key, value, kv_cache, attn_metadata, output):
         plan = getattr(attn_metadata, "pfa_prefill", None)
         if plan is None or self.attn_type != AttentionType.DECODER:
             return super().forward_impl(query, key, value, kv_cache, attn_metadata, output)
-        split = attn_metadata.num_decode_tokens
+        split = plan.token_start
         if split:
             super().forward_impl(query[:split], key[:split], value[:split], kv_cache, _decode_rows(attn_metadata),
                                  output[:split])
             STATS.decode_tokens += split
-        run_prefill(query, key, value, (self.key_cache, self.value_cache), plan, output, num_heads=self.num_heads,
-                    num_kv_heads=self.num_kv_heads, head_size=self.head_size, scale=self.scale,
-                    mask_args=mask_arguments(self.sliding_window))
+        self._run_pfa(query, key, value, attn_metadata, output)
+        return output
+
+    def _forward_encoder_attention(self, query, key, value, attn_metadata, output):
+        """vllm-ascend's path for bidirectional layers of pooling models: PFA without a mask (band for a window)."""
+        self._run_pfa(query, key, value, attn_metadata, output)
         return output
 
 
@@ -85,6 +106,18 @@ class PFAAscendAttentionBackend(AscendAttentionBackend):
     @staticmethod
     def get_name() -> str:
         return "PFA"
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True  # prefill: PFA's band mode 4; decode: vllm-ascend's own path
+
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type in (AttentionType.DECODER, AttentionType.ENCODER_ONLY)
 
     @staticmethod
     def get_impl_cls() -> type[PFAAscendAttentionImpl]:

@@ -12,7 +12,7 @@ import torch
 from torch.profiler import record_function
 
 from vllm_pfa.backend.stats import STATS
-from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention
+from vllm_pfa.ops import api, compressed_causal_mask, npu_prompt_flash_attention
 
 # PFA's layout for vLLM's token-major [tokens, heads, head_size] tensors: with one prefill request BSND is a
 # zero-copy view (B = 1); BNSD would need a transpose copy of q, k and v, and BSH is BSND with the last two axes
@@ -69,9 +69,13 @@ def has_cached_context(first: int, num_reqs: int, query_start: list[int], seq_le
 
 
 def plan_prefill(*, first: int, num_reqs: int, token_start: int, query_start: list[int], seq_lens_host: list[int],
-                 block_table: torch.Tensor, block_size: int, device: torch.device, gather: KVGather | None,
+                 block_table: torch.Tensor, block_size: int | None, device: torch.device, gather: KVGather | None,
                  own_call_min_tokens: int | None = None) -> PFAPrefillPlan:
     """The plan for requests [first, num_reqs), from host-side lengths only.
+
+    A request with cached context keeps the block-table entries that cover it; with `block_size=None` (a platform
+    whose cache blocks are smaller than the spec's, known only from the cache) its whole row, for the gather to
+    take what its cache's block size needs.
 
     One PFA call takes all requests, padded into one BSND batch; with `own_call_min_tokens`, each request of at
     least that many new tokens gets a call of its own instead (B = 1: its q, and for a fresh request its k and v,
@@ -87,8 +91,8 @@ def plan_prefill(*, first: int, num_reqs: int, token_start: int, query_start: li
             query_lens=[query_len[r] for r in group], seq_lens=[seq_lens_host[r] for r in group],
             query_starts=[query_start[r] - token_start for r in group],
             context_block_ids=[
-                block_table[r, : -(-(seq_lens_host[r] - query_len[r]) // block_size)].to(torch.long)
-                if seq_lens_host[r] > query_len[r] else None for r in group],
+                block_table[r, : None if block_size is None else -(-(seq_lens_host[r] - query_len[r]) // block_size)]
+                .to(torch.long) if seq_lens_host[r] > query_len[r] else None for r in group],
         )
         for group in [[r] for r in alone] + ([together] if together else [])
     ]
@@ -115,16 +119,18 @@ class _StagingBuffers:
     """Host buffers for the packed query and K/V, reused by every layer and step.
 
     A fresh multi-MB CPU tensor per layer costs a page fault per 4 KiB: measured, about a third of the pack/gather
-    time of a 512-token chunk. Each buffer only grows, to the largest step seen. Device tensors (NPU) come from
-    their caching allocator, which needs no help, so they are allocated as usual.
+    time of a 512-token chunk. Each buffer only grows, to the largest step seen; on CPU its padding rows are left
+    uninitialized (the CPU implementation never reads past actual_seq_lengths(_kv)). Tensors bound for torch_npu
+    come from the NPU's caching allocator, which needs no help, and are zeroed: an NPU kernel's tile tail may
+    multiply padding rows by a zero probability, and 0 x NaN is NaN (a memset is cheap on the device).
     """
 
     def __init__(self) -> None:
         self._flat: dict[str, torch.Tensor] = {}
 
     def empty(self, name: str, like: torch.Tensor, *shape: int) -> torch.Tensor:
-        if like.device.type != "cpu":
-            return like.new_empty(shape)
+        if api._runs_on_npu(like):
+            return like.new_zeros(shape)
         numel = math.prod(shape)
         flat = self._flat.get(name)
         if flat is None or flat.numel() < numel or flat.dtype != like.dtype:
@@ -136,9 +142,7 @@ _STAGING = _StagingBuffers()
 
 
 def _pack(tokens: torch.Tensor, call: PFACall, name: str) -> torch.Tensor:
-    """[T, heads, D] new tokens -> [B, max_query_len, heads, D] (BSND), padded on the right.
-
-    The padding is left uninitialized: PFA never reads rows past actual_seq_lengths(_kv)."""
+    """[T, heads, D] new tokens -> [B, max_query_len, heads, D] (BSND), padded on the right (see _StagingBuffers)."""
     if call.num_requests == 1:
         start = call.query_starts[0]
         return tokens[start:start + call.query_lens[0]].contiguous().unsqueeze(0)
@@ -152,7 +156,7 @@ def _key_values(key, value, kv_cache, call: PFACall, gather: KVGather) -> tuple[
     """[B, max_seq_len, kv_heads, D] keys and values: cached context (gathered) followed by the new tokens."""
     if not call.has_context:
         return _pack(key, call, "keys"), _pack(value, call, "values")
-    shape = (call.num_requests, call.max_seq_len, *key.shape[1:])  # padding: never read, as above
+    shape = (call.num_requests, call.max_seq_len, *key.shape[1:])
     keys, values = _STAGING.empty("keys", key, *shape), _STAGING.empty("values", value, *shape)
     for i, (start, n, seq_len, block_ids) in enumerate(
             zip(call.query_starts, call.query_lens, call.seq_lens, call.context_block_ids)):

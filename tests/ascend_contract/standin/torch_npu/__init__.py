@@ -1,0 +1,180 @@
+"""A CPU stand-in for `torch_npu`, for the Ascend contract suite only (never installed, never on a real NPU host).
+
+It provides what vllm-ascend's released platform and attention modules touch: the `torch.npu` names they read at
+import time, torch_npu's extra dtypes, and the few operators their attention path calls, each written from its
+documented semantics in plain torch (not from vllm-pfa's code, except `npu_prompt_flash_attention`, which stands for
+torch_npu's PFA and runs vllm-pfa's CPU implementation of it). Every operator call is recorded in `CALLS`, so tests
+can assert which path computed which rows and with which arguments.
+
+What it cannot stand for: kernel numerics on the NPU, graph capture, device memory, and the 310P / A5 operators.
+"""
+
+import sys
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+__version__ = "2.10.0.post4+cpu-standin"  # the torch_npu release vllm-ascend 0.30.0rc2 pairs with
+
+
+@dataclass
+class Call:
+    name: str
+    kwargs: dict = field(default_factory=dict)
+
+
+CALLS: list[Call] = []
+
+
+def _record(name: str, **kwargs) -> None:
+    CALLS.append(Call(name, kwargs))
+
+
+class _DType:
+    """torch_npu's own dtypes (fp4/fp8 variants) exist only as names here: nothing in this suite computes in them."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"torch_npu.{self.name}"
+
+
+float4_e2m1fn_x2 = _DType("float4_e2m1fn_x2")
+hifloat8 = _DType("hifloat8")
+float8_e8m0fnu = _DType("float8_e8m0fnu")
+
+
+# --- torch.npu: the names vllm-ascend reads at import time; no device is available ---------------------------------
+class _Event:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def record(self, *args, **kwargs) -> None:
+        pass
+
+    def wait(self, *args, **kwargs) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _NPUGraph:
+    def __init__(self, *args, **kwargs) -> None:
+        raise RuntimeError("torch_npu stand-in: graph capture needs an NPU")
+
+
+_npu = types.ModuleType("torch.npu")
+_npu.Event = _Event
+_npu.NPUGraph = _NPUGraph
+_npu.is_available = lambda: False
+_npu.is_initialized = lambda: False
+_npu.device_count = lambda: 0
+torch.npu = _npu
+sys.modules["torch.npu"] = _npu
+
+# vllm-ascend pins host tensors before copying them to the NPU; CPU-only torch refuses to pin without an accelerator,
+# and on CPU the copy that follows is a no-op, so pinning is too.
+torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+
+
+# --- operators -----------------------------------------------------------------------------------------------------
+def npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping, *, cache_mode="Norm", **kwargs):
+    """Writes token t's key/value into slot `slot_mapping[t]` of `[num_blocks, block_size, kv_heads, head]` caches
+    (slot = block * block_size + offset); negative slots are skipped."""
+    _record("npu_scatter_pa_kv_cache", num_tokens=key.shape[0], cache_mode=cache_mode)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    for cache, tokens in ((key_cache, key), (value_cache, value)):
+        cache.view(-1, *cache.shape[2:])[slots] = tokens[keep].view(-1, *cache.shape[2:]).to(cache.dtype)
+
+
+def _paged_tokens(cache: torch.Tensor, block_ids: torch.Tensor, length: int, kv_heads: int) -> torch.Tensor:
+    """The first `length` tokens `[length, kv_heads, head]` of a request, from a paged cache
+    `[num_blocks, block_size, kv_heads, head]` or its `[num_blocks, block_size, kv_heads * head]` view."""
+    return cache[block_ids.long()].flatten(0, 1)[:length].reshape(length, kv_heads, -1)
+
+
+def _attend(q, k, v, scale: float, keep: torch.Tensor) -> torch.Tensor:
+    """Softmax attention in fp32 for one request: q `[Sq, N, D]`, k/v `[Skv, Nkv, D]`, keep `[Sq, Skv]` (bool);
+    rows with no kept key are 0."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.float().repeat_interleave(group, dim=1), v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qnd,knd->nqk", q.float(), k) * scale
+    scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("nqk,knd->qnd", probs, v).to(q.dtype)
+
+
+def _keep(sq: int, skv: int, sparse_mode: int, pre_tokens: int, next_tokens: int) -> torch.Tensor:
+    """Which keys each query row keeps, per FIA's documented sparse modes (positions from the bottom-right corner
+    for modes 3 and 4; mode 0 without a mask keeps all)."""
+    i = torch.arange(sq).unsqueeze(1) + (skv - sq)
+    j = torch.arange(skv).unsqueeze(0)
+    if sparse_mode == 0:
+        return torch.ones(sq, skv, dtype=torch.bool)
+    if sparse_mode == 3:
+        return j <= i
+    if sparse_mode == 4:
+        return (j >= i - pre_tokens) & (j <= i + next_tokens)
+    raise NotImplementedError(f"torch_npu stand-in: FIA sparse_mode={sparse_mode}")
+
+
+def npu_fused_infer_attention_score(query, key, value, *, num_heads, num_key_value_heads=0, input_layout="TND",
+                                    scale=1.0, actual_seq_lengths=None, actual_seq_lengths_kv=None,
+                                    block_table=None, block_size=0, atten_mask=None, sparse_mode=0,
+                                    pre_tokens=2147483647, next_tokens=2147483647, **kwargs):
+    """FIA in the TND layout vllm-ascend uses: query `[T, N, D]` with cumulative `actual_seq_lengths`; with a
+    `block_table`, key/value are paged caches `[num_blocks, block_size, Nkv*D]` (or `[.., Nkv, D]`) and
+    `actual_seq_lengths_kv` the per-request kv lengths; without one, key/value are `[T, Nkv, D]` in TND.
+    Returns (attention_out `[T, N, D]`, softmax_lse placeholder)."""
+    if input_layout != "TND":
+        raise NotImplementedError(f"torch_npu stand-in: FIA input_layout={input_layout}")
+    if kwargs:
+        raise NotImplementedError(f"torch_npu stand-in: FIA arguments {sorted(kwargs)}")
+    kv_heads = num_key_value_heads or num_heads
+    ends = [int(x) for x in actual_seq_lengths]
+    kv_lens = [int(x) for x in (actual_seq_lengths_kv if block_table is not None else ends)]
+    _record("npu_fused_infer_attention_score", num_tokens=ends[-1], query_lens=ends, kv_lens=kv_lens,
+            sparse_mode=sparse_mode, paged=block_table is not None, block_size=block_size,
+            pre_tokens=pre_tokens, next_tokens=next_tokens)
+    out = torch.zeros_like(query)
+    kv_start = 0
+    for b, end in enumerate(ends):
+        start = ends[b - 1] if b else 0
+        if block_table is not None:
+            k = _paged_tokens(key, block_table[b, : -(-kv_lens[b] // block_size)], kv_lens[b], kv_heads)
+            v = _paged_tokens(value, block_table[b, : -(-kv_lens[b] // block_size)], kv_lens[b], kv_heads)
+        else:  # TND key/value: cumulative like the query
+            k, v = key[kv_start:kv_lens[b]], value[kv_start:kv_lens[b]]
+            kv_start = kv_lens[b]
+        keep = _keep(end - start, k.shape[0], sparse_mode, pre_tokens, next_tokens)
+        out[start:end] = _attend(query[start:end], k, v, scale, keep)
+    return out, None
+
+
+def _npu_paged_attention(*, query, key_cache, value_cache, num_kv_heads, num_heads, scale_value, block_table,
+                         context_lens, out):
+    """Decode: each query row `[B, N, D]` attends to all `context_lens[b]` cached tokens of its request."""
+    _record("_npu_paged_attention", num_tokens=query.shape[0])
+    block_size = key_cache.shape[1]
+    for b in range(query.shape[0]):
+        length = int(context_lens[b])
+        ids = block_table[b, : -(-length // block_size)]
+        k = _paged_tokens(key_cache, ids, length, num_kv_heads)
+        v = _paged_tokens(value_cache, ids, length, num_kv_heads)
+        out[b: b + 1] = _attend(query[b: b + 1], k, v, scale_value, torch.ones(1, length, dtype=torch.bool))
+
+
+def npu_fusion_attention(*args, **kwargs):
+    """vllm-ascend's encoder (pooling) path; nothing in this suite may reach it."""
+    _record("npu_fusion_attention")
+    raise NotImplementedError("torch_npu stand-in: npu_fusion_attention is not stood in for")
+
+
+def npu_prompt_flash_attention(query, key, value, **kwargs):
+    """torch_npu's PFA: stands for the NPU kernel by running vllm-pfa's CPU implementation of the same contract."""
+    _record("npu_prompt_flash_attention", query=query, key=key, value=value, **kwargs)
+    return torch.ops.vllm_pfa.npu_prompt_flash_attention(query, key, value, **kwargs)
