@@ -93,9 +93,9 @@ def chat_conversations() -> dict[str, list[dict[str, str]]]:
     return {
         "capital": [_user("What is the capital of France?")],
         "colors": [_user("Name the three primary colors.")],
-        "multi_turn": [_user("My name is Ada and I like painting."),
-                       {"role": "assistant", "content": "Nice to meet you, Ada! Painting is a wonderful hobby."},
-                       _user("What is my name, and what do I like?")],
+        "multi_turn": [_user("What is the capital of France?"),
+                       {"role": "assistant", "content": "The capital of France is Paris."},
+                       _user("And the capital of Italy?")],
         "document_what": [on_document, _user("What is this document? Answer in one sentence.")],
         "document_trademarks": [on_document, _user("Does this license let me use the trademarks of the Licensor?")],
         "document_warranty": [on_document, _user("Is the work provided with a warranty?")],

@@ -1,0 +1,71 @@
+"""Helpers of the end-to-end tests: one engine per subprocess (tests/e2e/generate.py), and a `vllm serve` process on
+127.0.0.1 answering an openai client."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import openai
+
+from vllm_pfa.scenarios import MAX_MODEL_LEN, MAX_NUM_BATCHED_TOKENS
+
+VLLM = str(Path(sys.executable).parent / "vllm")
+GENERATE = Path(__file__).parent / "e2e" / "generate.py"
+
+
+def generate(tmp_path: Path, backend: str, *args: str) -> dict:
+    """The JSON that generate.py writes for `backend` and `args`, run in a fresh process (its own engine)."""
+    fd, out = tempfile.mkstemp(dir=tmp_path, prefix=f"{backend}-", suffix=".json")
+    os.close(fd)
+    proc = subprocess.run([sys.executable, str(GENERATE), backend, out, *args],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(Path(out).read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def vllm_server(model: str, log_path: Path, startup_timeout_s: float = 300) -> Iterator[openai.OpenAI]:
+    """`vllm serve model --attention-backend pfa` with the scenarios' engine settings (float32), logging at DEBUG to
+    log_path; yields an openai client once the server answers, and stops the server on exit."""
+    port = _free_port()
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="DEBUG")  # the backend's per-step lines
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [VLLM, "serve", model, "--attention-backend", "pfa", "--host", "127.0.0.1", "--port", str(port),
+             "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", str(MAX_MODEL_LEN),
+             "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS), "--enforce-eager", "--seed", "0"],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+        deadline = time.time() + startup_timeout_s
+        while True:
+            assert server.poll() is None, log_path.read_text()[-4000:]
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(2)
+        yield client
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def logged_prefill_tokens(log_text: str) -> int:
+    """Prefill tokens that the PFA backend logged (its DEBUG per-step lines), summed over steps."""
+    return sum(int(n) for n in re.findall(r"PFA step: \d+ decode tokens, (\d+) prefill tokens", log_text))
