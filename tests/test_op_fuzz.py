@@ -409,7 +409,8 @@ def test_fuzz_native_kernel(native_reports, part):
     report = native_reports[part]
     assert report["native_calls"] > report["examples"] // 2, report  # the cases do reach the kernel
     failures = report["failures"]
-    if failures and part == "non_finite" and all(f["native"] and f["spec"].get("non_finite") for f in failures):
+    known = ("AssertionError: NaN at", "AssertionError: inf differs")  # where NaN/inf lands, nothing else
+    if failures and part == "non_finite" and all(f["native"] and f["error"].startswith(known) for f in failures):
         pytest.xfail(f"{KNOWN_NATIVE_NAN}; {len(failures)} of {report['examples']} cases, first: {failures[0]}")
     assert not failures, json.dumps(failures[:5], indent=1)
 

@@ -9,16 +9,19 @@ from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention, ref
 from vllm_pfa.ops import native_kernel, sdpa_path, vllm_cpu_kernel
 
 NAN, INF = float("nan"), float("inf")
-NO_PLAN = staticmethod(lambda *a, **kw: None)
+
+
+def _no_plan(*args, **kwargs):
+    return None
 
 
 def _route(monkeypatch, route):
     """Forces one Python route: the routes before it are switched off (the native kernel always)."""
-    monkeypatch.setattr(native_kernel, "plan", NO_PLAN)
+    monkeypatch.setattr(native_kernel, "plan", _no_plan)
     if route == "sdpa":
         monkeypatch.setattr(sdpa_path, "MIN_SEQ", 1)
     elif route == "blockwise":
-        monkeypatch.setattr(vllm_cpu_kernel, "plan", NO_PLAN)
+        monkeypatch.setattr(vllm_cpu_kernel, "plan", _no_plan)
 
 
 def _problem(mode):
