@@ -77,14 +77,15 @@ def _banded(q, k, v, lengths, pre_tokens, sparse_mode):
                                       sparse_mode=sparse_mode) * 1.0
 
 
-def test_compile_with_changing_int_arguments():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_with_changing_int_arguments(backend):
     """Dynamo passes a changed int as a SymInt on the recompile: validation takes it, every call stays exact.
 
     Changed one at a time, then back: lengths, pre_tokens, sparse_mode; then an invalid value, which must still
     be rejected (the symbolic checks guard on the values)."""
     torch._dynamo.reset()
     q, k, v = make_qkv("BNSD", 2, 2, 2, 12, 16, 16, torch.float32)
-    compiled = torch.compile(_banded, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(_banded, fullgraph=True, backend=backend)
     for lengths, pre_tokens, sparse_mode in [([12, 5], 4, 4), ([7, 3], 4, 4), ([9, 12], 4, 4), ([9, 12], 2, 4),
                                              ([9, 12], 6, 4), ([9, 12], 6, 3), ([12, 1], 6, 2), ([12, 5], 4, 4)]:
         actual = compiled(q, k, v, lengths, pre_tokens, sparse_mode)
