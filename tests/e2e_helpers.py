@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +19,9 @@ from vllm_pfa.scenarios import MAX_MODEL_LEN, MAX_NUM_BATCHED_TOKENS
 
 VLLM = str(Path(sys.executable).parent / "vllm")
 GENERATE = Path(__file__).parent / "e2e" / "generate.py"
+# the scenarios' engine settings (vllm_pfa.scenarios.engine_kwargs), float32
+SCENARIO_SERVE_ARGS = ("--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", str(MAX_MODEL_LEN),
+                       "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS), "--enforce-eager", "--seed", "0")
 
 
 def generate(tmp_path: Path, backend: str, *args: str) -> dict:
@@ -38,16 +41,16 @@ def _free_port() -> int:
 
 
 @contextmanager
-def vllm_server(model: str, log_path: Path, startup_timeout_s: float = 300) -> Iterator[openai.OpenAI]:
-    """`vllm serve model --attention-backend pfa` with the scenarios' engine settings (float32), logging at DEBUG to
-    log_path; yields an openai client once the server answers, and stops the server on exit."""
+def vllm_server(model: str, log_path: Path, serve_args: Sequence[str] = SCENARIO_SERVE_ARGS,
+                startup_timeout_s: float = 300) -> Iterator[openai.OpenAI]:
+    """`vllm serve model --attention-backend pfa` with `serve_args`, logging at DEBUG to log_path; yields an openai
+    client once the server answers, and stops the server on exit."""
     port = _free_port()
     env = dict(os.environ, VLLM_LOGGING_LEVEL="DEBUG")  # the backend's per-step lines
     with open(log_path, "w") as log:
         server = subprocess.Popen(
             [VLLM, "serve", model, "--attention-backend", "pfa", "--host", "127.0.0.1", "--port", str(port),
-             "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", str(MAX_MODEL_LEN),
-             "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS), "--enforce-eager", "--seed", "0"],
+             *serve_args],
             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)

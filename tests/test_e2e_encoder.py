@@ -2,11 +2,8 @@
 `LLM.embed` and served with `vllm serve --runner pooling`, PFA against CPU_ATTN, in fp32."""
 
 import json
-import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +12,10 @@ import torch
 from vllm_pfa.model_builder import build_model
 from vllm_pfa.scenarios import EMBED_INPUTS
 
+from e2e_helpers import logged_prefill_tokens, vllm_server
+
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
-VLLM = str(Path(sys.executable).parent / "vllm")
 MIN_COSINE = 0.99999
 
 
@@ -57,47 +55,18 @@ def test_offline_encoder_attention_went_through_pfa(offline):
     assert offline["CPU_ATTN"]["stats"]["prefill_calls"] == 0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_embeddings_with_openai_client(offline, tmp_path):
-    import openai
-
     model = str(build_model("bert_encoder"))
-    port = _free_port()
     log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [VLLM, "serve", model, "--runner", "pooling", "--attention-backend", "pfa", "--host", "127.0.0.1",
-             "--port", str(port), "--dtype", "float32", "--gpu-memory-utilization", "0.1", "--enforce-eager",
-             "--seed", "0"],
-            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, VLLM_LOGGING_LEVEL="DEBUG"))
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-        deadline = time.time() + 300
-        while True:
-            assert server.poll() is None, log_path.read_text()[-4000:]
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                assert time.time() < deadline, "server did not come up"
-                time.sleep(2)
+    serve_args = ["--runner", "pooling", "--dtype", "float32", "--gpu-memory-utilization", "0.1", "--enforce-eager",
+                  "--seed", "0"]
+    with vllm_server(model, log_path, serve_args) as client:
         response = client.embeddings.create(model=model, input=EMBED_INPUTS, encoding_format="float")
-        served = [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    served = [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
     for reference in ("PFA", "CPU_ATTN"):
         cosines = _cosines(served, offline[reference]["embeddings"])
         print(f"served (PFA) vs offline {reference} cosines: {cosines}")
         assert min(cosines) > MIN_COSINE
     log_text = log_path.read_text()
     assert "Using the PFA attention backend" in log_text
-    prefill_tokens = [int(n) for n in re.findall(r"PFA step: 0 decode tokens, (\d+) prefill tokens", log_text)]
-    assert sum(prefill_tokens) >= len(EMBED_INPUTS)
+    assert logged_prefill_tokens(log_text) >= len(EMBED_INPUTS)
