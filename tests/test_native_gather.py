@@ -51,7 +51,7 @@ def test_native_gather_rejects_bad_arguments():
         gather(key_cache, value_cache, torch.tensor([0, 9]), 20, out, out.clone(), True, False)
     with pytest.raises(RuntimeError, match="needs more blocks"):
         gather(key_cache, value_cache, torch.tensor([0]), 20, out, out.clone(), True, False)
-    with pytest.raises(RuntimeError, match="output shape"):
+    with pytest.raises(RuntimeError, match="does not hold 20 tokens"):
         gather(key_cache, value_cache, torch.tensor([0, 1]), 20, out[:10], out.clone(), True, False)
     with pytest.raises(RuntimeError, match="int64"):
         gather(key_cache, value_cache, torch.tensor([0, 1], dtype=torch.int32), 20, out, out.clone(), True, False)
@@ -66,5 +66,3 @@ def test_staging_buffers_are_reused_and_grow():
     bigger = staging.empty("keys", like, 4, 10, 4)
     assert bigger.shape == (4, 10, 4) and bigger.dtype == torch.bfloat16
     assert staging.empty("keys", like.float(), 1, 5, 4).dtype == torch.float32
-    on_device = staging.empty("keys", torch.zeros(1, device="meta"), 2, 3)
-    assert on_device.device.type == "meta" and on_device.shape == (2, 3)

@@ -1,13 +1,19 @@
 // Python bindings of vllm_pfa._C.
 #include "ops.h"
 
+#include <torch/extension.h>
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Native CPU kernels of vllm_pfa: prefill attention (AVX-512) and the paged K/V gather";
+  m.doc() = "Native CPU kernels of vllm_pfa: prefill attention (AVX-512, oneDNN brgemm) and the paged K/V gather";
   m.def("cpu_supported", &vllm_pfa::cpu_supported, "True when this CPU has the instructions prefill_attention needs");
   m.def("prefill_attention", &vllm_pfa::prefill_attention, "Banded causal prefill attention into `out`",
         pybind11::arg("query"), pybind11::arg("key"), pybind11::arg("value"), pybind11::arg("out"),
         pybind11::arg("q_lens"), pybind11::arg("kv_lens"), pybind11::arg("lo_offsets"),
-        pybind11::arg("hi_offsets"), pybind11::arg("scale"));
+        pybind11::arg("hi_offsets"), pybind11::arg("scale"), pybind11::arg("products") = "auto",
+        pybind11::arg("out_starts") = std::vector<int64_t>{});
+  m.def("products_for", &vllm_pfa::products_for,
+        "How prefill_attention multiplies for a query of this dtype here: input_dtype (16-bit matrix "
+        "instructions) or fp32", pybind11::arg("query"));
   m.def("gather_paged_kv", &vllm_pfa::gather_paged_kv,
         "A request's first seq_len keys/values from vLLM's CPU paged cache into dense outputs",
         pybind11::arg("key_cache"), pybind11::arg("value_cache"), pybind11::arg("block_ids"),

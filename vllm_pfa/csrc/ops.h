@@ -1,9 +1,12 @@
 // The functions of the vllm_pfa._C extension (bound to Python in bindings.cpp).
 #pragma once
 
-#include <torch/extension.h>
+// Only the tensor type: torch/extension.h (pybind11, the whole torch API) is for bindings.cpp, and takes most
+// of each file's compile time.
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace vllm_pfa {
@@ -11,10 +14,16 @@ namespace vllm_pfa {
 // True when this CPU has the instructions prefill_attention needs (AVX-512 F/BW/VL/DQ, FMA, F16C).
 bool cpu_supported();
 
-// Banded prefill attention into `out` (prefill_attention.cpp).
+// Banded prefill attention into `out` (prefill_attention.cpp). products: "auto" (16-bit matrix products where this
+// CPU has them for the dtype, else fp32), "fp32", "input_dtype", "input_dtype_emulated" (tests). out_starts
+// (optional): out is [1, N, S, D] and batch b's query row i goes to out[0, :, out_starts[b] + i] (vLLM's token rows).
 void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                        const std::vector<int64_t>& q_lens, const std::vector<int64_t>& kv_lens,
-                       const std::vector<int64_t>& lo_offsets, const std::vector<int64_t>& hi_offsets, double scale);
+                       const std::vector<int64_t>& lo_offsets, const std::vector<int64_t>& hi_offsets, double scale,
+                       const std::string& products, const std::vector<int64_t>& out_starts);
+
+// The products "auto" picks for a query of this dtype on this CPU: "input_dtype" or "fp32".
+std::string products_for(const at::Tensor& query);
 
 // The first seq_len tokens of a request's paged K/V into dense [tokens, kv_heads, head] outputs (paged_kv_gather.cpp).
 void gather_paged_kv(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_ids,

@@ -7,6 +7,7 @@
 // (block, head) pairs, transposing through L1-sized tiles.
 #include "ops.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
@@ -89,16 +90,37 @@ void gather_half(const at::Tensor& cache, const int64_t* block_ids, int64_t seq_
   });
 }
 
-void check_half(const at::Tensor& cache, const at::Tensor& out, int64_t seq_len, const char* name) {
-  TORCH_CHECK(cache.dim() == 4 && out.dim() == 3, "gather_paged_kv: ", name,
-              " cache must be [blocks, kv_heads, block_size, head] and its output [tokens, kv_heads, head]");
-  TORCH_CHECK(cache.stride(3) == 1 && cache.stride(2) == cache.size(3), "gather_paged_kv: ", name,
-              " cache blocks must be dense (block_size x head per kv head)");
-  TORCH_CHECK(out.stride(2) == 1 && out.size(1) == cache.size(1) && out.size(2) == cache.size(3) &&
-                  out.size(0) >= seq_len,
-              "gather_paged_kv: ", name, " output shape does not match the cache");
-  TORCH_CHECK(out.scalar_type() == cache.scalar_type(), "gather_paged_kv: ", name, " dtypes differ");
-  TORCH_CHECK(cache.device().is_cpu() && out.device().is_cpu(), "gather_paged_kv: CPU tensors only");
+// A dimension of size 1 may carry any stride (torch calls such a tensor contiguous): only its element 0 is read.
+bool dense(const at::Tensor& t, int64_t dim, int64_t stride) { return t.size(dim) <= 1 || t.stride(dim) == stride; }
+
+void check_output(const at::Tensor& out, const at::Tensor& cache, int64_t seq_len, const char* name) {
+  TORCH_CHECK(out.dim() == 3, "gather_paged_kv: ", name, " must be [tokens, kv_heads, head], got ", out.sizes());
+  TORCH_CHECK(out.device().is_cpu(), "gather_paged_kv: ", name, " must be a CPU tensor");
+  TORCH_CHECK(out.scalar_type() == cache.scalar_type(), "gather_paged_kv: ", name, " dtype ", out.scalar_type(),
+              " differs from the cache's ", cache.scalar_type());
+  TORCH_CHECK(out.size(0) >= seq_len && out.size(1) == cache.size(1) && out.size(2) == cache.size(3),
+              "gather_paged_kv: ", name, " shape ", out.sizes(), " does not hold ", seq_len, " tokens of ",
+              cache.size(1), " kv heads x ", cache.size(3));
+  TORCH_CHECK(dense(out, 2, 1), "gather_paged_kv: ", name, " must have a contiguous last dimension");
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, "gather_paged_kv: ", name,
+              " has overlapping elements (an expanded view)");
+}
+
+// Both caches before anything is read: the same [blocks, kv_heads, block_size, head] shape (the same block ids
+// index both), one float or 16/8-bit dtype, on the CPU, each (block, head) a dense block_size x head matrix.
+void check_caches(const at::Tensor& key_cache, const at::Tensor& value_cache) {
+  for (const auto* cache : {&key_cache, &value_cache}) {
+    const char* name = cache == &key_cache ? "key_cache" : "value_cache";
+    TORCH_CHECK(cache->dim() == 4, "gather_paged_kv: ", name, " must be [blocks, kv_heads, block_size, head], got ",
+                cache->sizes());
+    TORCH_CHECK(cache->device().is_cpu(), "gather_paged_kv: ", name, " must be a CPU tensor");
+    TORCH_CHECK(dense(*cache, 3, 1) && dense(*cache, 2, cache->size(3)), "gather_paged_kv: ", name,
+                " blocks must be dense (block_size x head per kv head), got strides ", cache->strides());
+  }
+  TORCH_CHECK(key_cache.sizes() == value_cache.sizes(), "gather_paged_kv: key_cache ", key_cache.sizes(),
+              " and value_cache ", value_cache.sizes(), " differ in shape");
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "gather_paged_kv: key_cache and value_cache "
+              "dtypes differ");
 }
 
 void dispatch_half(const at::Tensor& cache, const int64_t* ids, int64_t seq_len, at::Tensor& out, bool transposed) {
@@ -115,17 +137,20 @@ void dispatch_half(const at::Tensor& cache, const int64_t* ids, int64_t seq_len,
 void gather_paged_kv(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_ids,
                      int64_t seq_len, at::Tensor& keys_out, at::Tensor& values_out, bool key_transposed,
                      bool value_transposed) {
-  check_half(key_cache, keys_out, seq_len, "key");
-  check_half(value_cache, values_out, seq_len, "value");
-  TORCH_CHECK(block_ids.scalar_type() == at::kLong && block_ids.dim() == 1 && block_ids.is_contiguous(),
-              "gather_paged_kv: block_ids must be a contiguous int64 vector");
+  check_caches(key_cache, value_cache);
+  check_output(keys_out, key_cache, seq_len, "keys_out");
+  check_output(values_out, value_cache, seq_len, "values_out");
+  TORCH_CHECK(block_ids.scalar_type() == at::kLong && block_ids.dim() == 1 && block_ids.is_contiguous() &&
+                  block_ids.device().is_cpu(),
+              "gather_paged_kv: block_ids must be a contiguous int64 CPU vector");
   const int64_t block_size = key_cache.size(2);
+  TORCH_CHECK(block_size > 0, "gather_paged_kv: the caches' block_size is 0");
   TORCH_CHECK(seq_len >= 0 && block_ids.size(0) * block_size >= seq_len, "gather_paged_kv: seq_len ", seq_len,
               " needs more blocks than the ", block_ids.size(0), " given");
   const int64_t* ids = block_ids.data_ptr<int64_t>();
   for (int64_t i = 0; i < (seq_len + block_size - 1) / block_size; ++i) {
-    TORCH_CHECK(0 <= ids[i] && ids[i] < key_cache.size(0) && ids[i] < value_cache.size(0),
-                "gather_paged_kv: block id ", ids[i], " out of range");
+    TORCH_CHECK(0 <= ids[i] && ids[i] < key_cache.size(0), "gather_paged_kv: block id ", ids[i],
+                " out of range for ", key_cache.size(0), " blocks");
   }
   dispatch_half(key_cache, ids, seq_len, keys_out, key_transposed);
   dispatch_half(value_cache, ids, seq_len, values_out, value_transposed);

@@ -1,12 +1,21 @@
-// Native CPU prefill attention for PFA's float cases: a flash-attention kernel in AVX-512 (fp32 math).
+// Native CPU prefill attention for PFA's float cases: a flash-attention kernel in AVX-512.
 //
 // Exact semantics of the band PFA's sparse modes reduce to: query row i (< q_len) of a batch attends keys
 // j in [i + lo_offset, i + hi_offset] clipped to [0, kv_len); rows with no key are 0. The rows past q_len are
 // left to the caller. The kernel never materializes S1 x S2: per (batch, kv head) it converts K (transposed,
 // in key blocks) and V to fp32 once, then every block of query positions walks only the key blocks its band
 // touches, with an online softmax. The `group` query heads sharing a kv head are packed into one block of rows
-// so GQA reads K/V once. Products and sums are fp32 (the reference's precision), softmax uses exp2 with the
-// scale * log2(e) folded into Q, and the output is rounded once to the output dtype (round-to-nearest-even).
+// so GQA reads K/V once. The softmax is fp32 (exp2, online, scale * log2(e) applied to the scores), the output is
+// rounded once to the output dtype (round-to-nearest-even). The two matrix products run one of two ways:
+// - in the 16-bit input dtype (bf16/fp16 inputs, where oneDNN has micro-kernels for this CPU: AVX512-BF16, AMX):
+//   K and V are packed once per unit in the VNNI pair layout and every Q K^T and P V block is one
+//   at::native::cpublas::brgemm call with fp32 accumulation. P is rounded to the input dtype before P V, as the
+//   NPU does (its cube unit takes 16-bit operands); the row sums use the rounded weights, so each output row is a
+//   convex combination of V rows with weights exact to the input dtype's precision (bf16: 2^-9 relative).
+// - in fp32 (everything else): K/V converted to fp32, hand-written AVX-512 FMA register tiles. oneDNN's fp32
+//   brgemm measured slower here than these tiles (about 115 vs 140 GFLOP/s per core), and without bf16
+//   instructions its bf16 kernels do not exist (and PyTorch's non-VNNI fallback runs at 1-5 GFLOP/s).
+// A third mode, for tests on any AVX-512 CPU, runs the 16-bit path with an AVX-512F emulation of the products.
 //
 // Work is split by (batch, kv head) "units": with many units each thread takes whole units (its K/V copy stays
 // in its L2); with few, all threads convert a group of units, then share its query blocks, heaviest first.
@@ -17,6 +26,7 @@
 #include "ops.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <immintrin.h>
 #include <sys/mman.h>
@@ -28,16 +38,21 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace vllm_pfa {
 
 enum class ElementType : int { kFloat32, kFloat16, kBFloat16 };
 
+// How the two matrix products are computed (see the header comment).
+enum class Products : int { kFloat32, kInputType, kInputTypeEmulated };
+
 constexpr int kRowTile = 6;           // register tile rows
 constexpr int kColVectors = 4;        // register tile width in 16-float vectors (64 columns)
 constexpr int kKeyBlock = 256;        // keys per block (a multiple of 16; 256 measured best)
 constexpr int kRowsPerQueryBlock = 96;  // packed (position, group head) rows per work item
+constexpr float kInf = std::numeric_limits<float>::infinity();
 
 struct Strides {
   int64_t batch, head, seq;  // elements; the head dimension is contiguous
@@ -50,6 +65,8 @@ struct Problem {
   void* out;
   Strides qs, ks, vs, os;
   ElementType type;
+  Products products;
+  const int64_t* out_starts;  // per batch, the out position of its query row 0 (out has B = 1); null: out's batches
   int64_t heads, kv_heads, head_dim, padded_dim;
   float score_scale;  // scale_value * log2(e)
 };
@@ -78,22 +95,22 @@ inline __m512 load16(const void* p, ElementType type, __mmask16 m) {
   }
 }
 
+// 16 floats rounded to a 16-bit type, round to nearest even; NaN stays a quiet NaN.
+inline __m256i narrow16(__m512 x, ElementType type) {
+  if (type == ElementType::kFloat16) return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512i bits = _mm512_castps_si512(x);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
 inline void store16(void* p, ElementType type, __m512 x, __mmask16 m) {
-  switch (type) {
-    case ElementType::kFloat32:
-      _mm512_mask_storeu_ps(p, m, x);
-      return;
-    case ElementType::kFloat16:
-      _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      return;
-    default: {  // bf16, round to nearest even; NaN stays a quiet NaN
-      __m512i bits = _mm512_castps_si512(x);
-      __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-      __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-      __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-      rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
-      _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(rounded));
-    }
+  if (type == ElementType::kFloat32) {
+    _mm512_mask_storeu_ps(p, m, x);
+  } else {
+    _mm256_mask_storeu_epi16(p, m, narrow16(x, type));
   }
 }
 
@@ -172,12 +189,13 @@ inline void gemm_rows(const float* a, int64_t lda, const float* b, int64_t ldb, 
 // Keys [key_start, key_end) of one kv head into fp32: K transposed per key block ([block][dim][kKeyBlock]) and V
 // row-major ([key][padded_dim]); keys past kv_len and dims past head_dim are 0 (finite, so masked products vanish).
 void convert_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t kv_len, int64_t key_start, int64_t key_end,
-                  float* key_t, float* value) {
+                  float* key_t, float* value, uint8_t* nonfinite_tiles) {
   alignas(64) float rows[16 * 512];
   const int64_t dp = p.padded_dim;
   const __m512i gather_index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                   _mm512_set1_epi32(static_cast<int>(dp)));
   for (int64_t tile = key_start; tile < key_end; tile += 16) {
+    __mmask16 nonfinite = 0;
     for (int64_t j = 0; j < 16; ++j) {
       const int64_t key = tile + j;
       const bool live = key < kv_len;
@@ -186,9 +204,12 @@ void convert_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t kv_l
       for (int64_t d = 0; d < dp; d += 16) {
         const __mmask16 m = live ? tail_mask(p.head_dim - d) : __mmask16(0);
         _mm512_store_ps(rows + j * dp + d, load16(at_element(krow, p.type, d), p.type, m));
-        _mm512_storeu_ps(value + key * dp + d, load16(at_element(vrow, p.type, d), p.type, m));
+        const __m512 v = load16(at_element(vrow, p.type, d), p.type, m);
+        nonfinite |= _mm512_fpclass_ps_mask(v, 0x99);  // NaN, +-inf
+        _mm512_storeu_ps(value + key * dp + d, v);
       }
     }
+    nonfinite_tiles[tile / 16] = nonfinite != 0;
     float* kt = key_t + (tile / kKeyBlock) * dp * kKeyBlock + tile % kKeyBlock;
     for (int64_t d = 0; d < dp; ++d) {
       _mm512_storeu_ps(kt + d * kKeyBlock, _mm512_i32gather_ps(gather_index, rows + d, 4));
@@ -196,9 +217,95 @@ void convert_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t kv_l
   }
 }
 
+// Keys [key_start, key_end) of one kv head in the 16-bit input dtype, packed as brgemm's VNNI operands: K^T per key
+// block as [padded_dim / 2][kKeyBlock][2] (a key's dim pairs) and V as [key / 2][padded_dim][2] (a dim's key pairs);
+// keys past kv_len and dims past head_dim are 0.
+void pack_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t kv_len, int64_t key_start, int64_t key_end,
+               uint16_t* key_t, uint16_t* value, uint8_t* nonfinite_tiles) {
+  alignas(64) uint16_t rows[16 * 512];
+  const int64_t dp = p.padded_dim;
+  const __m512i gather_index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                  _mm512_set1_epi32(static_cast<int>(dp / 2)));
+  // Words of two keys' 16-dim runs (a: low half, b: high half) interleaved: a0 b0 a1 b1 ...
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i exponent = _mm512_set1_epi16(static_cast<int16_t>(p.type == ElementType::kBFloat16 ? 0x7F80 : 0x7C00));
+  auto load_row = [&](const void* base, const Strides& st, int64_t key, int64_t d) {
+    const __mmask16 m = key < kv_len ? tail_mask(p.head_dim - d) : __mmask16(0);
+    return _mm256_maskz_loadu_epi16(
+        m, at_element(base, p.type, batch * st.batch + kv_head * st.head + key * st.seq + d));
+  };
+  for (int64_t tile = key_start; tile < key_end; tile += 16) {
+    for (int64_t j = 0; j < 16; ++j) {
+      for (int64_t d = 0; d < dp; d += 16) _mm256_store_si256(reinterpret_cast<__m256i*>(rows + j * dp + d),
+                                                              load_row(p.k, p.ks, tile + j, d));
+    }
+    auto* kt = reinterpret_cast<uint32_t*>(key_t + (tile / kKeyBlock) * dp * kKeyBlock) + tile % kKeyBlock;
+    for (int64_t pair = 0; pair < dp / 2; ++pair) {
+      _mm512_storeu_si512(kt + pair * kKeyBlock, _mm512_i32gather_epi32(gather_index, rows + 2 * pair, 4));
+    }
+    __mmask32 nonfinite = 0;
+    for (int64_t key = tile; key < tile + 16; key += 2) {
+      for (int64_t d = 0; d < dp; d += 16) {
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(load_row(p.v, p.vs, key, d)),
+                                                load_row(p.v, p.vs, key + 1, d), 1);
+        nonfinite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(both, exponent), exponent);  // NaN, +-inf
+        _mm512_storeu_si512(value + (key / 2 * dp + d) * 2, _mm512_permutexvar_epi16(interleave, both));
+      }
+    }
+    nonfinite_tiles[tile / 16] = nonfinite != 0;
+  }
+}
+
+// 16 values of a 16-bit type, from the low (or high) halves of 16 words, as floats.
+inline __m512 widen_half(__m512i words, bool high, ElementType type) {
+  if (type == ElementType::kBFloat16) {
+    return _mm512_castsi512_ps(high ? _mm512_and_si512(words, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))
+                                    : _mm512_slli_epi32(words, 16));
+  }
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(high ? _mm512_srli_epi32(words, 16) : words));
+}
+
+inline float widen_scalar(uint16_t bits, ElementType type) {
+  return _mm512_cvtss_f32(widen_half(_mm512_set1_epi32(bits), false, type));
+}
+
+// C[M x N] = (accumulate ? C : 0) + A[M x K] B[K x N] with fp32 C: A row-major and B in VNNI pairs ([K / 2][ldb][2]),
+// both 16-bit of p.type; N a multiple of 16 and K of 2.
+void products_16bit(const Problem& p, int64_t m_rows, int64_t n_cols, int64_t depth, int64_t lda, int64_t ldb,
+                    int64_t ldc, bool accumulate, const uint16_t* a, const uint16_t* b, float* c) {
+  if (p.products == Products::kInputType) {
+    if (p.type == ElementType::kBFloat16) {
+      at::native::cpublas::brgemm(m_rows, n_cols, depth, lda, ldb, ldc, accumulate,
+                                  reinterpret_cast<const at::BFloat16*>(a), reinterpret_cast<const at::BFloat16*>(b),
+                                  c);
+    } else {
+      at::native::cpublas::brgemm(m_rows, n_cols, depth, lda, ldb, ldc, accumulate,
+                                  reinterpret_cast<const at::Half*>(a), reinterpret_cast<const at::Half*>(b), c);
+    }
+    return;
+  }
+  // The emulation: a product of two 16-bit floats is exact in fp32, as in the instructions; only the order of the
+  // fp32 sums may differ from oneDNN's. One row at a time: slow, for tests.
+  for (int64_t m = 0; m < m_rows; ++m) {
+    for (int64_t n = 0; n < n_cols; n += 16) {
+      __m512 acc = accumulate ? _mm512_loadu_ps(c + m * ldc + n) : _mm512_setzero_ps();
+      for (int64_t k = 0; k < depth; k += 2) {
+        const __m512i pair = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(a + m * lda + k));
+        const __m512i words = _mm512_loadu_si512(b + (k / 2 * ldb + n) * 2);
+        acc = _mm512_fmadd_ps(widen_half(pair, false, p.type), widen_half(words, false, p.type), acc);
+        acc = _mm512_fmadd_ps(widen_half(pair, true, p.type), widen_half(words, true, p.type), acc);
+      }
+      _mm512_storeu_ps(c + m * ldc + n, acc);
+    }
+  }
+}
+
 struct Scratch {
-  float* q;       // [rows][padded_dim], scaled
+  float* q;       // [rows][padded_dim] (fp32 products)
+  uint16_t* q16;  // [rows][padded_dim] (16-bit products)
   float* scores;  // [rows][kKeyBlock]
+  uint16_t* probs16;  // [rows][kKeyBlock] the weights in the input dtype (16-bit products)
   float* acc;     // [rows][padded_dim]
   float* row_max;
   float* row_sum;
@@ -209,14 +316,16 @@ struct Scratch {
   int64_t* tile_hi;
 };
 
-// One block of query positions [first, first + count) of one kv head, all group heads.
+// One block of query positions [first, first + count) of one kv head, all group heads. kMatrix: the 16-bit
+// products (key_t and value packed by pack_keys), else fp32 (convert_keys).
+template <bool kMatrix>
 void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_t kv_head, int64_t first,
-                  int64_t count, const float* key_t, const float* value, const Scratch& s) {
+                  int64_t count, const void* key_t, const void* value, const uint8_t* nonfinite_tiles,
+                  const Scratch& s) {
   const int64_t group = p.heads / p.kv_heads;
   const int64_t dp = p.padded_dim;
   const int64_t rows = count * group;
   const int64_t padded_rows = (rows + kRowTile - 1) / kRowTile * kRowTile;
-  const __m512 q_scale = _mm512_set1_ps(p.score_scale);
   int64_t union_lo = std::numeric_limits<int64_t>::max(), union_hi = 0;
   // Row r is position first + r / group of query head kv_head * group + r % group.
   auto query_row = [&](int64_t r) {
@@ -234,13 +343,15 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
     if (r < rows) {
       lo = band.row_lo(pos);
       hi = band.row_hi(pos);
-      const char* qrow = query_row(r);
-      for (int64_t d = 0; d < dp; d += 16) {
-        __m512 x = load16(at_element(qrow, p.type, d), p.type, tail_mask(p.head_dim - d));
-        _mm512_storeu_ps(s.q + r * dp + d, _mm512_mul_ps(x, q_scale));
+    }
+    for (int64_t d = 0; d < dp; d += 16) {  // padding rows are 0
+      const __mmask16 m = r < rows ? tail_mask(p.head_dim - d) : __mmask16(0);
+      const char* src = r < rows ? at_element(query_row(r), p.type, d) : nullptr;
+      if constexpr (kMatrix) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.q16 + r * dp + d), _mm256_maskz_loadu_epi16(m, src));
+      } else {
+        _mm512_storeu_ps(s.q + r * dp + d, load16(src, p.type, m));
       }
-    } else {
-      for (int64_t d = 0; d < dp; d += 16) _mm512_storeu_ps(s.q + r * dp + d, _mm512_setzero_ps());
     }
     if (lo >= hi) lo = hi = 0;  // an empty row
     s.lo[r] = lo;
@@ -249,18 +360,18 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       union_lo = std::min(union_lo, lo);
       union_hi = std::max(union_hi, hi);
     }
-    s.row_max[r] = -std::numeric_limits<float>::infinity();
+    s.row_max[r] = -kInf;
     s.row_sum[r] = 0.0f;
     for (int64_t d = 0; d < dp; d += 16) _mm512_storeu_ps(s.acc + r * dp + d, _mm512_setzero_ps());
   }
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 neg_inf = _mm512_set1_ps(-kInf);
+  const __m512 score_scale = _mm512_set1_ps(p.score_scale);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const int64_t tiles = padded_rows / kRowTile;
   for (int64_t block_start = union_hi ? union_lo / kKeyBlock * kKeyBlock : 0; block_start < union_hi;
        block_start += kKeyBlock) {
-    const float* kt = key_t + (block_start / kKeyBlock) * dp * kKeyBlock;
-    const float* vb = value + block_start * dp;
     // Columns of this block any row of a tile keeps: [col_lo, col_hi), block-relative; empty when lo >= hi.
+    int64_t block_lo = kKeyBlock, block_hi = 0;  // the same over all tiles, in whole 16-key tiles
     for (int64_t t = 0; t < tiles; ++t) {
       int64_t col_lo = kKeyBlock, col_hi = 0;
       for (int64_t r = t * kRowTile; r < (t + 1) * kRowTile; ++r) {
@@ -273,72 +384,156 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       }
       s.tile_lo[t] = col_lo;
       s.tile_hi[t] = col_hi;
+      if (col_lo < col_hi) {
+        block_lo = std::min(block_lo, col_lo / 16 * 16);
+        block_hi = std::max(block_hi, (col_hi + 15) / 16 * 16);
+      }
     }
-    // Scores, one 64-key panel of K at a time so the panel stays in L1 across all row tiles.
-    for (int64_t panel = 0; panel < kKeyBlock; panel += 16 * kColVectors) {
-      for (int64_t t = 0; t < tiles; ++t) {
-        if (s.tile_lo[t] >= s.tile_hi[t]) continue;
-        const int64_t lo = std::max(panel, s.tile_lo[t] / 16 * 16);
-        const int64_t hi = std::min(panel + 16 * kColVectors, (s.tile_hi[t] + 15) / 16 * 16);
-        if (lo < hi) {
-          gemm_rows(s.q + t * kRowTile * dp, dp, kt + lo, kKeyBlock, s.scores + t * kRowTile * kKeyBlock + lo,
-                    kKeyBlock, dp, hi - lo, nullptr);
+    if (block_lo >= block_hi) continue;
+    if constexpr (kMatrix) {
+      // One brgemm for all rows: [padded_rows x dp] Q times K^T's [dp x block columns].
+      const uint16_t* kt = static_cast<const uint16_t*>(key_t) + (block_start / kKeyBlock) * dp * kKeyBlock;
+      products_16bit(p, padded_rows, block_hi - block_lo, dp, dp, kKeyBlock, kKeyBlock, false, s.q16,
+                     kt + 2 * block_lo, s.scores + block_lo);
+    } else {
+      // Scores, one 64-key panel of K at a time so the panel stays in L1 across all row tiles.
+      const float* kt = static_cast<const float*>(key_t) + (block_start / kKeyBlock) * dp * kKeyBlock;
+      for (int64_t panel = 0; panel < kKeyBlock; panel += 16 * kColVectors) {
+        for (int64_t t = 0; t < tiles; ++t) {
+          if (s.tile_lo[t] >= s.tile_hi[t]) continue;
+          const int64_t lo = std::max(panel, s.tile_lo[t] / 16 * 16);
+          const int64_t hi = std::min(panel + 16 * kColVectors, (s.tile_hi[t] + 15) / 16 * 16);
+          if (lo < hi) {
+            gemm_rows(s.q + t * kRowTile * dp, dp, kt + lo, kKeyBlock, s.scores + t * kRowTile * kKeyBlock + lo,
+                      kKeyBlock, dp, hi - lo, nullptr);
+          }
         }
       }
     }
-    // Online softmax: weights of the kept columns, 0 for the rest of the tile's column range.
+    // Online softmax: the weights of the kept columns, 0 for the rest of the columns the products below read (the
+    // tile's range in fp32; the block's in 16 bits, written in the input dtype).
     for (int64_t r = 0; r < padded_rows; ++r) {
       const int64_t t = r / kRowTile;
-      if (s.tile_lo[t] >= s.tile_hi[t]) continue;
-      const int64_t score_lo = s.tile_lo[t] / 16 * 16, score_hi = (s.tile_hi[t] + 15) / 16 * 16;
+      if (!kMatrix && s.tile_lo[t] >= s.tile_hi[t]) continue;
+      const int64_t score_lo = kMatrix ? block_lo : s.tile_lo[t] / 16 * 16;
+      const int64_t score_hi = kMatrix ? block_hi : (s.tile_hi[t] + 15) / 16 * 16;
       float* row = s.scores + r * kKeyBlock;
+      uint16_t* probs = s.probs16 + r * kKeyBlock;
       const int64_t lo = std::max(s.lo[r] - block_start, int64_t(0));
       const int64_t hi = std::min(s.hi[r] - block_start, int64_t(kKeyBlock));
       if (lo >= hi) {  // nothing kept in this block: zero weights, state unchanged
-        for (int64_t c = score_lo; c < score_hi; c += 16) _mm512_storeu_ps(row + c, _mm512_setzero_ps());
+        for (int64_t c = score_lo; c < score_hi; c += 16) {
+          if constexpr (kMatrix) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + c), _mm256_setzero_si256());
+          } else {
+            _mm512_storeu_ps(row + c, _mm512_setzero_ps());
+          }
+        }
         s.alpha[r] = 1.0f;
         continue;
       }
       __m512 vmax = neg_inf;
-      for (int64_t c = lo; c < hi; c += 16) {
-        vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(neg_inf, tail_mask(hi - c), row + c));
+      __mmask16 nan = 0;
+      for (int64_t c = lo; c < hi; c += 16) {  // scaled in place: x - max below must be <= 0 exactly, which a
+        // product the compiler may fuse into that subtraction (GCC contracts vector a * b - c) would not be
+        const __mmask16 m = tail_mask(hi - c);
+        const __m512 x = _mm512_mask_mul_ps(neg_inf, m, _mm512_loadu_ps(row + c), score_scale);
+        _mm512_mask_storeu_ps(row + c, m, x);
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        vmax = _mm512_max_ps(vmax, x);
       }
-      const float old_max = s.row_max[r];
-      const float new_max = std::max(old_max, _mm512_reduce_max_ps(vmax));
+      const float old_max = s.row_max[r], block_max = _mm512_reduce_max_ps(vmax);
+      // A NaN or +inf kept score makes the row NaN, as softmax does (exp(inf - inf)); NaN is sticky in std::max's
+      // first argument and read at the end of the row.
+      const float new_max = nan || block_max == kInf ? std::numeric_limits<float>::quiet_NaN()
+                                                     : std::max(old_max, block_max);
       const __m512 shift = _mm512_set1_ps(new_max);
       __m512 vsum = _mm512_setzero_ps();
       for (int64_t c = score_lo; c < score_hi; c += 16) {
         const __m512i col = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(c)));
         const __mmask16 kept = _mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(lo)), _MM_CMPINT_NLT) &
                                _mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(hi)), _MM_CMPINT_LT);
-        const __m512 e = _mm512_maskz_mov_ps(kept, exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + c), shift)));
+        __m512 e = _mm512_maskz_mov_ps(kept, exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + c), shift)));
+        if constexpr (kMatrix) {  // the sum takes the weights P V uses: rounded to the input dtype
+          const __m256i narrow = narrow16(e, p.type);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + c), narrow);
+          e = widen_half(_mm512_cvtepu16_epi32(narrow), false, p.type);
+        } else {
+          _mm512_storeu_ps(row + c, e);
+        }
         vsum = _mm512_add_ps(vsum, e);
-        _mm512_storeu_ps(row + c, e);
       }
-      s.alpha[r] = std::exp2(old_max - new_max);  // 0 when this is the row's first kept block
+      s.alpha[r] = old_max == -kInf ? 0.0f : std::exp2(old_max - new_max);  // 0 until a finite score is seen
       s.row_sum[r] = s.row_sum[r] * s.alpha[r] + _mm512_reduce_add_ps(vsum);
       s.row_max[r] = new_max;
     }
-    // acc = alpha * acc + P V, one 64-wide panel of V at a time (L1-resident across the row tiles).
-    for (int64_t panel = 0; panel < dp; panel += 16 * kColVectors) {
-      const int64_t width = std::min<int64_t>(16 * kColVectors, dp - panel);
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t col_lo = s.tile_lo[t], col_hi = s.tile_hi[t];
-        if (col_lo >= col_hi) continue;
-        const int64_t r0 = t * kRowTile;
-        gemm_rows(s.scores + r0 * kKeyBlock + col_lo, kKeyBlock, vb + col_lo * dp + panel, dp,
-                  s.acc + r0 * dp + panel, dp, col_hi - col_lo, width, s.alpha + r0);
+    bool nonfinite_values = false;
+    for (int64_t tile = block_start + block_lo; tile < block_start + block_hi; tile += 16) {
+      nonfinite_values |= nonfinite_tiles[tile / 16] != 0;
+    }
+    if (nonfinite_values) {
+      // A NaN or +-inf value in the block: each row sums only the keys it keeps (a product over a masked key would
+      // give 0 x inf = NaN, and what a row does not keep is never read). Rare, so simple.
+      for (int64_t r = 0; r < padded_rows; ++r) {
+        const int64_t lo = std::max(s.lo[r] - block_start, int64_t(0));
+        const int64_t hi = std::min(s.hi[r] - block_start, int64_t(kKeyBlock));
+        if (lo >= hi) continue;  // nothing kept in this block: acc unchanged
+        float* acc = s.acc + r * dp;
+        for (int64_t d = 0; d < dp; ++d) acc[d] *= s.alpha[r];
+        for (int64_t c = lo; c < hi; ++c) {
+          const int64_t key = block_start + c;
+          if constexpr (kMatrix) {
+            const float w = widen_scalar(s.probs16[r * kKeyBlock + c], p.type);
+            const uint16_t* pair = static_cast<const uint16_t*>(value) + key / 2 * dp * 2 + key % 2;
+            for (int64_t d = 0; d < dp; ++d) acc[d] += w * widen_scalar(pair[2 * d], p.type);
+          } else {
+            const float w = s.scores[r * kKeyBlock + c];
+            const float* v = static_cast<const float*>(value) + key * dp;
+            for (int64_t d = 0; d < dp; ++d) acc[d] += w * v[d];
+          }
+        }
+      }
+    } else if constexpr (kMatrix) {
+      // acc = alpha * acc + P V: the rescale here, then one accumulating brgemm of all rows.
+      for (int64_t r = 0; r < padded_rows; ++r) {
+        if (s.alpha[r] == 1.0f) continue;
+        const __m512 alpha = _mm512_set1_ps(s.alpha[r]);
+        for (int64_t d = 0; d < dp; d += 16) {
+          _mm512_storeu_ps(s.acc + r * dp + d, _mm512_mul_ps(_mm512_loadu_ps(s.acc + r * dp + d), alpha));
+        }
+      }
+      const uint16_t* vb = static_cast<const uint16_t*>(value) + (block_start + block_lo) * dp;
+      products_16bit(p, padded_rows, dp, block_hi - block_lo, kKeyBlock, dp, dp, true, s.probs16 + block_lo, vb,
+                     s.acc);
+    } else {
+      // acc = alpha * acc + P V, one 64-wide panel of V at a time (L1-resident across the row tiles).
+      const float* vb = static_cast<const float*>(value) + block_start * dp;
+      for (int64_t panel = 0; panel < dp; panel += 16 * kColVectors) {
+        const int64_t width = std::min<int64_t>(16 * kColVectors, dp - panel);
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t col_lo = s.tile_lo[t], col_hi = s.tile_hi[t];
+          if (col_lo >= col_hi) continue;
+          const int64_t r0 = t * kRowTile;
+          gemm_rows(s.scores + r0 * kKeyBlock + col_lo, kKeyBlock, vb + col_lo * dp + panel, dp,
+                    s.acc + r0 * dp + panel, dp, col_hi - col_lo, width, s.alpha + r0);
+        }
       }
     }
   }
+  if (kMatrix && p.products == Products::kInputType) at::native::cpublas::brgemm_release();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t pos = first + r / group;
     const int64_t head = kv_head * group + r % group;
-    const char* orow = at_element(p.out, p.type, batch * p.os.batch + head * p.os.head + pos * p.os.seq);
-    const __m512 inv = _mm512_set1_ps(s.row_sum[r] > 0.0f ? 1.0f / s.row_sum[r] : 0.0f);
+    const int64_t out_pos = p.out_starts ? p.out_starts[batch] + pos : pos;
+    const int64_t out_batch = p.out_starts ? 0 : batch;
+    const char* orow = at_element(p.out, p.type, out_batch * p.os.batch + head * p.os.head + out_pos * p.os.seq);
+    float inv = s.row_sum[r] > 0.0f ? 1.0f / s.row_sum[r] : 0.0f;  // rows with no kept key are 0
+    // NaN or +inf among a row's kept scores, or all of them -inf: NaN, as in the reference's softmax.
+    if (s.lo[r] < s.hi[r] && !(s.row_max[r] > -kInf)) inv = std::numeric_limits<float>::quiet_NaN();
+    const __m512 scale_row = _mm512_set1_ps(inv);
     for (int64_t d = 0; d < p.head_dim; d += 16) {
       store16(const_cast<char*>(at_element(orow, p.type, d)), p.type,
-              _mm512_mul_ps(_mm512_loadu_ps(s.acc + r * dp + d), inv), tail_mask(p.head_dim - d));
+              _mm512_mul_ps(_mm512_loadu_ps(s.acc + r * dp + d), scale_row), tail_mask(p.head_dim - d));
     }
   }
 }
@@ -387,11 +582,13 @@ const kernel::Scratch& block_scratch(int64_t rows, int64_t padded_dim) {
   thread_local int64_t shape[2] = {0, 0};
   if (shape[0] != rows || shape[1] != padded_dim) {
     const int64_t matrix = rows * std::max<int64_t>(padded_dim, kKeyBlock);
-    floats = allocate(3 * matrix + 3 * rows);
+    floats = allocate(4 * matrix + 3 * rows);  // q, scores, acc, and the two 16-bit matrices in one
     bounds.assign(3 * rows, 0);
     float* f = floats.get();
-    scratch = {f, f + matrix, f + 2 * matrix, f + 3 * matrix, f + 3 * matrix + rows, f + 3 * matrix + 2 * rows,
-               bounds.data(), bounds.data() + rows, bounds.data() + 2 * rows, bounds.data() + 2 * rows + rows / 2};
+    auto* halves = reinterpret_cast<uint16_t*>(f + 3 * matrix);
+    scratch = {f, halves, f + matrix, halves + matrix, f + 2 * matrix, f + 4 * matrix, f + 4 * matrix + rows,
+               f + 4 * matrix + 2 * rows, bounds.data(), bounds.data() + rows, bounds.data() + 2 * rows,
+               bounds.data() + 2 * rows + rows / 2};
     shape[0] = rows;
     shape[1] = padded_dim;
   }
@@ -407,13 +604,55 @@ ElementType element_type(const at::Tensor& t) {
   }
 }
 
+// Checks one [B, N, S, D] argument. A head dim of 1 may carry any stride (torch calls such a tensor contiguous).
 Strides strides_of(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, "vllm_pfa native kernel: ", name,
-              " must be a [B, N, S, D] view with a contiguous D");
+  TORCH_CHECK(t.dim() == 4, "vllm_pfa native kernel: ", name, " must be [B, N, S, D], got ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "vllm_pfa native kernel: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "vllm_pfa native kernel: ", name,
+              " must have a contiguous D (head) axis, got strides ", t.strides());
   return {t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// Whether oneDNN has 16-bit micro-kernels for this dtype on this CPU (AVX512-BF16, AMX): asked of the library itself,
+// once per dtype, with a tiny product (it refuses to generate a kernel where the instructions are missing).
+bool input_type_products_supported(ElementType type) {
+  auto probe = [](auto zero) {
+    try {
+      decltype(zero) a[2 * 16] = {}, b[2 * 16] = {};
+      float c[16];
+      at::native::cpublas::brgemm(1, 16, 2, 2, 16, 16, false, a, b, c);
+      at::native::cpublas::brgemm_release();
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  };
+  static const bool bf16 = probe(at::BFloat16(0.0f)), fp16 = probe(at::Half(0.0f));
+  return type == ElementType::kBFloat16 ? bf16 : type == ElementType::kFloat16 && fp16;
+}
+
+Products parse_products(const std::string& products, ElementType type) {
+  if (products == "auto") {
+    return cpu_supported() && input_type_products_supported(type) ? Products::kInputType : Products::kFloat32;
+  }
+  if (products == "fp32") return Products::kFloat32;
+  TORCH_CHECK((products == "input_dtype" || products == "input_dtype_emulated") && type != ElementType::kFloat32,
+              "vllm_pfa native kernel: products must be auto, fp32, input_dtype or input_dtype_emulated (the last "
+              "two for 16-bit inputs), got ", products);
+  if (products == "input_dtype_emulated") return Products::kInputTypeEmulated;
+  TORCH_CHECK(input_type_products_supported(type),
+              "vllm_pfa native kernel: this CPU has no 16-bit matrix instructions for this dtype");
+  return Products::kInputType;
+}
+
 }  // namespace
+
+std::string products_for(const at::Tensor& query) {
+  switch (parse_products("auto", element_type(query))) {
+    case Products::kInputType: return "input_dtype";
+    default: return "fp32";
+  }
+}
 
 bool cpu_supported() {
   // Asked once: the gather calls this per (block, head).
@@ -429,25 +668,45 @@ bool cpu_supported() {
 // Writes rows [0, q_lens[b]) of `out` ([B, N, S1, D]) for every batch b; see the header comment for the band.
 void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                        const std::vector<int64_t>& q_lens, const std::vector<int64_t>& kv_lens,
-                       const std::vector<int64_t>& lo_offsets, const std::vector<int64_t>& hi_offsets, double scale) {
+                       const std::vector<int64_t>& lo_offsets, const std::vector<int64_t>& hi_offsets, double scale,
+                       const std::string& products, const std::vector<int64_t>& out_starts) {
   TORCH_CHECK(cpu_supported(), "vllm_pfa native kernel: this CPU lacks AVX-512");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && out.device().is_cpu(),
-              "vllm_pfa native kernel: CPU tensors only");
+  const Strides qs = strides_of(q, "query"), ks = strides_of(k, "key"), vs = strides_of(v, "value"),
+                os = strides_of(out, "out");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
                   out.scalar_type() == q.scalar_type(),
               "vllm_pfa native kernel: query, key, value and out must share one dtype");
+  const ElementType type = element_type(q);
   const int64_t batches = q.size(0), heads = q.size(1), head_dim = q.size(3), kv_heads = k.size(1);
-  TORCH_CHECK(k.size(0) == batches && v.size(0) == batches && out.size(0) == batches, "batch sizes differ");
-  TORCH_CHECK(v.size(1) == kv_heads && kv_heads > 0 && heads % kv_heads == 0, "heads must be a multiple of kv heads");
-  TORCH_CHECK(k.size(3) == head_dim && v.size(3) == head_dim && out.sizes() == q.sizes(), "shapes differ");
-  TORCH_CHECK(head_dim <= 512, "head_dim > 512");
+  TORCH_CHECK(k.size(0) == batches && v.size(0) == batches, "vllm_pfa native kernel: batch sizes differ");
+  TORCH_CHECK(v.size(1) == kv_heads && kv_heads > 0 && heads % kv_heads == 0,
+              "vllm_pfa native kernel: query heads must be a multiple of key/value heads");
+  TORCH_CHECK(k.size(3) == head_dim && v.size(3) == head_dim && k.size(2) == v.size(2),
+              "vllm_pfa native kernel: key and value shapes ", k.sizes(), " and ", v.sizes(), " do not match query ",
+              q.sizes());
   const auto n = static_cast<size_t>(batches);
+  TORCH_CHECK(head_dim <= 512, "vllm_pfa native kernel: head_dim > 512");
   TORCH_CHECK(q_lens.size() == n && kv_lens.size() == n && lo_offsets.size() == n && hi_offsets.size() == n,
-              "one q_len, kv_len and band per batch");
-  Problem p{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-            strides_of(q, "query"), strides_of(k, "key"), strides_of(v, "value"), strides_of(out, "out"),
-            element_type(q), heads, kv_heads, head_dim, (head_dim + 15) / 16 * 16,
+              "vllm_pfa native kernel: one q_len, kv_len and band per batch");
+  for (size_t b = 0; b < n; ++b) {
+    TORCH_CHECK(0 <= q_lens[b] && q_lens[b] <= q.size(2) && 0 <= kv_lens[b] && kv_lens[b] <= k.size(2),
+                "vllm_pfa native kernel: actual lengths (", q_lens[b], ", ", kv_lens[b], ") of batch ", b,
+                " out of range");
+  }
+  if (out_starts.empty()) {
+    TORCH_CHECK(out.sizes() == q.sizes(), "vllm_pfa native kernel: out shape ", out.sizes(), " differs from query's");
+  } else {
+    TORCH_CHECK(out_starts.size() == n && out.size(0) == 1 && out.size(1) == heads && out.size(3) == head_dim,
+                "vllm_pfa native kernel: with out_starts, out must be [1, N, S, D] and one start per batch");
+    for (size_t b = 0; b < n; ++b) {
+      TORCH_CHECK(0 <= out_starts[b] && out_starts[b] + q_lens[b] <= out.size(2),
+                  "vllm_pfa native kernel: out_starts[", b, "] = ", out_starts[b], " leaves rows outside out");
+    }
+  }
+  Problem p{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), qs, ks, vs, os, type,
+            parse_products(products, type), out_starts.empty() ? nullptr : out_starts.data(), heads, kv_heads, head_dim, (head_dim + 15) / 16 * 16,
             static_cast<float>(scale * M_LOG2E)};
+  const bool matrix = p.products != Products::kFloat32;
   const int64_t group = heads / kv_heads;
   const int64_t positions_per_block = std::max<int64_t>(1, kRowsPerQueryBlock / group);
   const int64_t scratch_rows = (positions_per_block * group + kRowTile - 1) / kRowTile * kRowTile;
@@ -457,18 +716,27 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   struct Unit {
     int64_t batch, kv_head, key_start, key_end;  // key_end rounded up to a whole tile
     BatchBand band;
-    float *key_t, *value;
+    void *key_t, *value;  // fp32, or 16-bit packed (matrix)
+    uint8_t* nonfinite_tiles;  // per 16 keys: whether V holds a NaN or +-inf
   };
   std::vector<Unit> units;
   for (int64_t b = 0; b < batches; ++b) {
-    TORCH_CHECK(0 <= q_lens[b] && q_lens[b] <= q.size(2) && 0 <= kv_lens[b] && kv_lens[b] <= k.size(2) &&
-                    kv_lens[b] <= v.size(2),
-                "actual lengths out of range");
-    const BatchBand band{q_lens[b], kv_lens[b], lo_offsets[b], hi_offsets[b]};
+    // Offsets beyond +-(S1 + S2) all mean "unbounded": clamped so that i + offset cannot overflow.
+    const int64_t bound = q.size(2) + k.size(2) + 1;
+    const BatchBand band{q_lens[b], kv_lens[b], std::clamp(lo_offsets[b], -bound, bound),
+                         std::clamp(hi_offsets[b], -bound, bound)};
     if (band.q_len == 0) continue;
     const int64_t key_end = std::max<int64_t>(0, band.row_hi(band.q_len - 1));
     const int64_t key_start = std::min(band.row_lo(0), key_end) / 16 * 16;
     for (int64_t h = 0; h < kv_heads; ++h) units.push_back({b, h, key_start, (key_end + 15) / 16 * 16, band});
+  }
+  int64_t tiles = 0;
+  for (const Unit& unit : units) tiles += unit.key_end / 16;
+  std::vector<uint8_t> nonfinite_tiles(tiles, 0);
+  tiles = 0;
+  for (Unit& unit : units) {
+    unit.nonfinite_tiles = nonfinite_tiles.data() + tiles;
+    tiles += unit.key_end / 16;
   }
   struct Item {
     size_t unit, unit_end;  // units [unit, unit_end): one for a query block, a batch's heads for a conversion
@@ -492,13 +760,21 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     });
   };
   auto attend = [&](const Unit& unit, const Item& block) {
-    kernel::attend_block(p, unit.band, unit.batch, unit.kv_head, block.begin, block.end - block.begin, unit.key_t,
-                         unit.value, block_scratch(scratch_rows, dp));
+    const auto attend_block = matrix ? kernel::attend_block<true> : kernel::attend_block<false>;
+    attend_block(p, unit.band, unit.batch, unit.kv_head, block.begin, block.end - block.begin, unit.key_t,
+                 unit.value, unit.nonfinite_tiles, block_scratch(scratch_rows, dp));
   };
   auto convert = [&](const Unit& unit, int64_t begin, int64_t end) {
-    kernel::convert_keys(p, unit.batch, unit.kv_head, unit.band.kv_len, begin, end, unit.key_t, unit.value);
+    if (matrix) {
+      kernel::pack_keys(p, unit.batch, unit.kv_head, unit.band.kv_len, begin, end,
+                        static_cast<uint16_t*>(unit.key_t), static_cast<uint16_t*>(unit.value), unit.nonfinite_tiles);
+    } else {
+      kernel::convert_keys(p, unit.batch, unit.kv_head, unit.band.kv_len, begin, end,
+                           static_cast<float*>(unit.key_t), static_cast<float*>(unit.value), unit.nonfinite_tiles);
+    }
   };
-  auto unit_floats = [&](const Unit& unit) { return (unit.key_end + kKeyBlock) * dp; };
+  // The floats one of K^T, V takes (16-bit elements: half as many).
+  auto unit_floats = [&](const Unit& unit) { return (unit.key_end + kKeyBlock) * dp / (matrix ? 2 : 1); };
 
   const int64_t threads = at::get_num_threads();
   const auto n_units = static_cast<int64_t>(units.size());
@@ -515,8 +791,9 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     }
     run_dynamic(work, [&](const Item& item) {
       Unit unit = units[item.unit];
-      unit.key_t = kv_scratch(2 * unit_floats(unit));
-      unit.value = unit.key_t + unit_floats(unit);
+      float* kv_copy = kv_scratch(2 * unit_floats(unit));
+      unit.key_t = kv_copy;
+      unit.value = kv_copy + unit_floats(unit);
       convert(unit, unit.key_start, unit.key_end);
       for (const Item& block : unit_blocks[item.unit]) attend(unit, block);
     });
@@ -541,7 +818,7 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     for (size_t u = first_unit; u < end_unit; ++u) {
       Unit& unit = units[u];
       unit.key_t = kv_copy + offsets[u - first_unit];
-      unit.value = unit.key_t + unit_floats(unit);
+      unit.value = kv_copy + offsets[u - first_unit] + unit_floats(unit);
       // One conversion item: 8 key tiles of every head of this batch in the group, head-inner, so each token's
       // K/V (contiguous in BSND) is read in one run.
       if (u == first_unit || units[u - 1].batch != unit.batch) {

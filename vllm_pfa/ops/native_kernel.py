@@ -1,6 +1,8 @@
 """PFA problems for the package's native CPU prefill kernel (`vllm_pfa/csrc/prefill_attention.cpp`).
 
-The kernel is a flash-attention loop in AVX-512 over dense K/V, so PFA's inputs need no repaging. It computes
+The kernel is a flash-attention loop over dense K/V, so PFA's inputs need no repaging: its matrix products run in
+the 16-bit input dtype through oneDNN's brgemm where this CPU has instructions for it (bf16: AVX512-BF16 or AMX;
+fp16: AMX-FP16), else in fp32 (AVX-512 FMA); the softmax is fp32 either way (`_C.products_for` says which). It computes
 every float problem whose kept keys form a band: query row i (< aq) keeps keys j in [i + lo, i + hi] within
 [0, akv), which covers
 - mode 0 without a mask: everything (pre/next_tokens apply only together with a mask);
@@ -16,7 +18,7 @@ import torch
 from vllm_pfa.log import init_logger
 from vllm_pfa.ops.layout import from_bnsd, to_bnsd
 from vllm_pfa.ops.masks import band_offsets
-from vllm_pfa.ops.validation import FLOAT_DTYPES, PFAProblem
+from vllm_pfa.ops.validation import FLOAT_DTYPES, PFAProblem, validate
 
 logger = init_logger(__name__)
 
@@ -49,7 +51,9 @@ def plan(problem: PFAProblem, dtype: torch.dtype, *, has_pse: bool, has_mask: bo
             for aq, akv in zip(p.actual_q, p.actual_kv)]
 
 
-def run(query, key, value, problem: PFAProblem, bands: list[tuple[int, int]]) -> torch.Tensor:
+def run(query, key, value, problem: PFAProblem, bands: list[tuple[int, int]], *,
+        products: str = "auto") -> torch.Tensor:
+    """The op's result; `products` forces one way of multiplying (tests: "fp32", "input_dtype_emulated")."""
     p = problem
     # The output is allocated in its final memory order, so `from_bnsd` below copies nothing.
     if p.layout == "BNSD":
@@ -63,5 +67,26 @@ def run(query, key, value, problem: PFAProblem, bands: list[tuple[int, int]]) ->
     q, k, v = (to_bnsd(t, p.layout, heads) for t, heads in
                ((query, p.num_heads), (key, p.num_kv_heads), (value, p.num_kv_heads)))
     extension().prefill_attention(q, k, v, out, list(p.actual_q), list(p.actual_kv),
-        [lo for lo, _ in bands], [hi for _, hi in bands], p.scale_value)
+        [lo for lo, _ in bands], [hi for _, hi in bands], p.scale_value, products)
     return from_bnsd(out, p.layout)
+
+
+def prompt_flash_attention_into(out: torch.Tensor, out_starts: list[int], query, key, value, **kwargs) -> bool:
+    """`npu_prompt_flash_attention(query, key, value, **kwargs)` written straight into vLLM's output rows, for the
+    CPU backend: `out` is [tokens, N, D] and batch b's query row i lands in out[out_starts[b] + i] (rows past
+    actual_seq_lengths are not written). Runs when the native kernel computes this problem with a BSND query of
+    out's dtype, and returns whether it did; otherwise nothing is written and the caller runs the op."""
+    from vllm_pfa.ops.api import _PUBLIC_DEFAULTS  # api imports this module (through fast_path)
+
+    problem = validate(query, key, value, **{**_PUBLIC_DEFAULTS, **kwargs})
+    bands = plan(problem, query.dtype, has_pse=kwargs.get("pse_shift") is not None,
+                 has_mask=kwargs.get("atten_mask") is not None)
+    if (bands is None or problem.layout != "BSND" or query.device.type != "cpu" or out.dtype != problem.out_dtype
+            or query.numel() == 0):
+        return False
+    q, k, v = (to_bnsd(t, "BSND", heads) for t, heads in
+               ((query, problem.num_heads), (key, problem.num_kv_heads), (value, problem.num_kv_heads)))
+    extension().prefill_attention(q, k, v, to_bnsd(out.unsqueeze(0), "BSND", problem.num_heads),
+        list(problem.actual_q), list(problem.actual_kv), [lo for lo, _ in bands], [hi for _, hi in bands],
+        problem.scale_value, "auto", list(out_starts))
+    return True

@@ -1,0 +1,123 @@
+"""The native kernel's 16-bit matrix products (oneDNN brgemm where the CPU has bf16/fp16 matrix instructions, an
+AVX-512F emulation of them on any AVX-512 CPU) and its in-place output for the backend."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from pfa_cases import problems
+from test_op_fast_path import TOLERANCE, _assert_matches_reference, _native_eligible
+from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention, native_kernel
+
+pytestmark = pytest.mark.skipif(not native_kernel.available(),
+                                reason="the native kernel needs an AVX-512 CPU and a built _C")
+
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
+def _has_matrix_instructions(dtype) -> bool:
+    return native_kernel.extension().products_for(torch.zeros(1, dtype=dtype)) == "input_dtype"
+
+
+def _op_with_products(products, q, k, v, kwargs, monkeypatch):
+    calls = []
+    run = native_kernel.run
+    monkeypatch.setattr(native_kernel, "run", lambda *a: calls.append(1) or run(*a, products=products))
+    out = npu_prompt_flash_attention(q, k, v, **kwargs)
+    monkeypatch.setattr(native_kernel, "run", run)
+    assert calls, "the native kernel did not run"
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(dtypes=SIXTEEN_BIT, head_dims=(16, 40, 64, 128), max_seq=300))
+def test_emulated_16bit_products_match_reference(case):
+    """The 16-bit path (VNNI packing, block-wide products, P rounded to the input dtype) on every AVX-512 CPU,
+    within the reference tests' tolerances."""
+    q, k, v, kwargs = case
+    if not _native_eligible(kwargs):
+        return
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        actual = _op_with_products("input_dtype_emulated", q, k, v, kwargs, monkeypatch)
+    _assert_matches_reference(q, k, v, kwargs, actual)
+
+
+@pytest.mark.skipif(not _has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")
+@settings(max_examples=60, deadline=None)
+@given(problems(dtypes=(torch.bfloat16,), head_dims=(16, 40, 64, 128), max_seq=300))
+def test_hardware_bf16_products_match_reference(case):
+    q, k, v, kwargs = case
+    if not _native_eligible(kwargs):
+        return
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        actual = _op_with_products("input_dtype", q, k, v, kwargs, monkeypatch)
+    _assert_matches_reference(q, k, v, kwargs, actual)
+
+
+@pytest.mark.skipif(not _has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")
+def test_emulation_agrees_with_the_instructions():
+    """Exact products, fp32 sums: the two differ only in the order of the sums (and so in rounding)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 700, 8, 128, generator=gen).bfloat16() for _ in range(3))
+    kwargs = dict(num_heads=8, input_layout="BSND", scale_value=128 ** -0.5, sparse_mode=3,
+                  atten_mask=compressed_causal_mask(), actual_seq_lengths=[700, 333])
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        hardware = _op_with_products("input_dtype", q, k, v, kwargs, monkeypatch)
+        emulated = _op_with_products("input_dtype_emulated", q, k, v, kwargs, monkeypatch)
+    torch.testing.assert_close(hardware.float(), emulated.float(), atol=8e-3, rtol=8e-3)
+
+
+def test_auto_products_follow_the_cpu():
+    """bf16/fp16 inputs take the 16-bit products exactly where oneDNN has kernels for them; fp32 never does."""
+    extension = native_kernel.extension()
+    assert extension.products_for(torch.zeros(1)) == "fp32"
+    for dtype in SIXTEEN_BIT:
+        assert extension.products_for(torch.zeros(1, dtype=dtype)) in ("fp32", "input_dtype")
+    q = torch.zeros(1, 1, 4, 16)
+    with pytest.raises(RuntimeError, match="products must be"):
+        extension.prefill_attention(q, q, q, q.clone(), [4], [4], [-4], [0], 1.0, "input_dtype")
+    with pytest.raises(RuntimeError, match="products must be"):
+        extension.prefill_attention(q, q, q, q.clone(), [4], [4], [-4], [0], 1.0, "bf16")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_into_writes_the_ops_rows_in_place(dtype):
+    """The backend's variant: batch b's rows straight into out[out_starts[b]:], nothing else touched."""
+    gen = torch.Generator().manual_seed(4)
+    heads, kv_heads, dim = 4, 2, 64
+    q = torch.randn(3, 50, heads, dim, generator=gen).to(dtype)
+    k = torch.randn(3, 80, kv_heads, dim, generator=gen).to(dtype)
+    v = torch.randn(3, 80, kv_heads, dim, generator=gen).to(dtype)
+    kwargs = dict(num_heads=heads, num_key_value_heads=kv_heads, input_layout="BSND", scale_value=dim ** -0.5,
+                  sparse_mode=3, atten_mask=compressed_causal_mask(), actual_seq_lengths=[50, 7, 30],
+                  actual_seq_lengths_kv=[80, 7, 45])
+    starts = [0, 90, 55]
+    out = torch.full((100, heads, dim), 7.0, dtype=dtype)
+    assert native_kernel.prompt_flash_attention_into(out, starts, q, k, v, **kwargs)
+    expected = npu_prompt_flash_attention(q, k, v, **kwargs)
+    untouched = torch.ones(100, dtype=torch.bool)
+    for b, (start, n) in enumerate(zip(starts, kwargs["actual_seq_lengths"])):
+        torch.testing.assert_close(out[start:start + n], expected[b, :n], atol=0, rtol=0)
+        untouched[start:start + n] = False
+    assert bool((out[untouched] == 7).all())
+
+
+def test_into_declines_what_the_kernel_does_not_compute():
+    q = torch.randn(1, 8, 2, 16)
+    out = torch.full((8, 2, 16), 7.0)
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    assert not native_kernel.prompt_flash_attention_into(out, [0], q, q, q, num_heads=2, input_layout="BSND",
+                                                         sparse_mode=1, atten_mask=mask)
+    assert not native_kernel.prompt_flash_attention_into(out, [0], q, q, q, num_heads=8, input_layout="BNSD")
+    assert bool((out == 7).all())
+    with pytest.raises(ValueError):  # validated like the op
+        native_kernel.prompt_flash_attention_into(out, [0], q, q, q, num_heads=3, input_layout="BSND")
+
+
+def test_into_rejects_rows_outside_out():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(RuntimeError, match="leaves rows outside out"):
+        native_kernel.prompt_flash_attention_into(torch.empty(10, 2, 16), [5], q, q, q, num_heads=2,
+                                                  input_layout="BSND", scale_value=1 / math.sqrt(16))
