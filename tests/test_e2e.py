@@ -60,12 +60,19 @@ def test_serve_with_openai_client(offline, tmp_path):
 
 @pytest.mark.parametrize("backend", ["pfa", "CPU_ATTN"])
 def test_bench_throughput_runs(backend):
+    # without a dataset path it uses the random dataset, which ignores --input-len/--output-len
+    num_prompts, input_len, output_len = 16, 256, 16
     proc = subprocess.run(
         [VLLM, "bench", "throughput", "--model", str(build_model("tiny")), "--attention-backend", backend,
-         "--input-len", "256", "--output-len", "16", "--num-prompts", "16", "--dtype", "float32",
-         "--gpu-memory-utilization", "0.3", "--max-model-len", "2048", "--enforce-eager", "--seed", "0"],
+         "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+         "--num-prompts", str(num_prompts), "--dtype", "float32", "--gpu-memory-utilization", "0.3",
+         "--max-model-len", "2048", "--enforce-eager", "--seed", "0"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     match = re.search(r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s", proc.stdout)
     assert match, proc.stdout[-2000:]
+    prompt_tokens = int(re.search(r"Total num prompt tokens:\s+(\d+)", proc.stdout).group(1))
+    output_tokens = int(re.search(r"Total num output tokens:\s+(\d+)", proc.stdout).group(1))
+    assert abs(prompt_tokens - num_prompts * input_len) <= num_prompts  # the random dataset may add a token
+    assert output_tokens == num_prompts * output_len
     print(f"vllm bench throughput --attention-backend {backend}: {match.group(0)}")
