@@ -5,8 +5,9 @@
 // left to the caller. The kernel never materializes S1 x S2: per (batch, kv head) it converts K (transposed,
 // in key blocks) and V to fp32 once, then every block of query positions walks only the key blocks its band
 // touches, with an online softmax. The `group` query heads sharing a kv head are packed into one block of rows
-// so GQA reads K/V once. The softmax is fp32 (exp2, online, scale * log2(e) applied to the scores), the output is
-// rounded once to the output dtype (round-to-nearest-even). The two matrix products run one of two ways:
+// so GQA reads K/V once. The softmax is fp32 (exp2, online; scale * log2(e) is folded into an fp32 Q, or applied
+// to the fp32 scores of 16-bit products, where a scaled Q would be rounded), the output is rounded once to the
+// output dtype (round-to-nearest-even). The two matrix products run one of two ways:
 // - in the 16-bit input dtype (bf16/fp16 inputs, where oneDNN has micro-kernels for this CPU: AVX512-BF16, AMX):
 //   K and V are packed once per unit in the VNNI pair layout and every Q K^T and P V block is one
 //   at::native::cpublas::brgemm call with fp32 accumulation. P is rounded to the input dtype before P V, as the
@@ -327,6 +328,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   const int64_t rows = count * group;
   const int64_t padded_rows = (rows + kRowTile - 1) / kRowTile * kRowTile;
   int64_t union_lo = std::numeric_limits<int64_t>::max(), union_hi = 0;
+  const __m512 score_scale = _mm512_set1_ps(p.score_scale);
   // Row r is position first + r / group of query head kv_head * group + r % group.
   auto query_row = [&](int64_t r) {
     return at_element(p.q, p.type,
@@ -349,8 +351,8 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       const char* src = r < rows ? at_element(query_row(r), p.type, d) : nullptr;
       if constexpr (kMatrix) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.q16 + r * dp + d), _mm256_maskz_loadu_epi16(m, src));
-      } else {
-        _mm512_storeu_ps(s.q + r * dp + d, load16(src, p.type, m));
+      } else {  // scaled here once (the 16-bit path scales its fp32 scores instead)
+        _mm512_storeu_ps(s.q + r * dp + d, _mm512_mul_ps(load16(src, p.type, m), score_scale));
       }
     }
     if (lo >= hi) lo = hi = 0;  // an empty row
@@ -365,7 +367,6 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
     for (int64_t d = 0; d < dp; d += 16) _mm512_storeu_ps(s.acc + r * dp + d, _mm512_setzero_ps());
   }
   const __m512 neg_inf = _mm512_set1_ps(-kInf);
-  const __m512 score_scale = _mm512_set1_ps(p.score_scale);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const int64_t tiles = padded_rows / kRowTile;
   for (int64_t block_start = union_hi ? union_lo / kKeyBlock * kKeyBlock : 0; block_start < union_hi;
@@ -434,11 +435,14 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       }
       __m512 vmax = neg_inf;
       __mmask16 nan = 0;
-      for (int64_t c = lo; c < hi; c += 16) {  // scaled in place: x - max below must be <= 0 exactly, which a
-        // product the compiler may fuse into that subtraction (GCC contracts vector a * b - c) would not be
+      for (int64_t c = lo; c < hi; c += 16) {
         const __mmask16 m = tail_mask(hi - c);
-        const __m512 x = _mm512_mask_mul_ps(neg_inf, m, _mm512_loadu_ps(row + c), score_scale);
-        _mm512_mask_storeu_ps(row + c, m, x);
+        __m512 x = _mm512_mask_loadu_ps(neg_inf, m, row + c);
+        if constexpr (kMatrix) {  // scaled in place: x - max below must be <= 0 exactly, which a product the
+          // compiler may fuse into that subtraction (GCC contracts vector a * b - c) would not be
+          x = _mm512_mask_mul_ps(neg_inf, m, x, score_scale);
+          _mm512_mask_storeu_ps(row + c, m, x);
+        }
         nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
         vmax = _mm512_max_ps(vmax, x);
       }
