@@ -12,7 +12,7 @@ import torch
 from torch.profiler import record_function
 
 from vllm_pfa.backend.stats import STATS
-from vllm_pfa.ops import api, compressed_causal_mask, npu_prompt_flash_attention
+from vllm_pfa.ops import api, compressed_causal_mask, native_kernel, npu_prompt_flash_attention
 
 # PFA's layout for vLLM's token-major [tokens, heads, head_size] tensors: with one prefill request BSND is a
 # zero-copy view (B = 1); BNSD would need a transpose copy of q, k and v, and BSH is BSND with the last two axes
@@ -177,12 +177,16 @@ def run_prefill(query, key, value, kv_cache, plan: PFAPrefillPlan, output, *, nu
         with record_function("pfa_backend.pack_and_gather"):  # named ranges: benchmarks/profile_backend.py
             keys, values = _key_values(key, value, kv_cache, call, plan.gather)
             packed_query = _pack(query, call, "query")
+        arguments = dict(num_heads=num_heads, num_key_value_heads=num_kv_heads, scale_value=scale,
+                         input_layout=PFA_LAYOUT, actual_seq_lengths=call.query_lens,
+                         actual_seq_lengths_kv=call.seq_lens, **({"atten_mask": plan.atten_mask} | mask_args))
         with record_function("pfa_backend.operator"):
-            out = npu_prompt_flash_attention(
-                packed_query, keys, values, num_heads=num_heads, num_key_value_heads=num_kv_heads,
-                scale_value=scale, input_layout=PFA_LAYOUT, actual_seq_lengths=call.query_lens,
-                actual_seq_lengths_kv=call.seq_lens, **({"atten_mask": plan.atten_mask} | mask_args),
-            )
+            # On CPU the native kernel writes the rows of `output` itself (no result tensor to copy back).
+            if new_rows.device.type == "cpu" and native_kernel.prompt_flash_attention_into(
+                    new_rows, call.query_starts, packed_query, keys, values, **arguments):
+                STATS.prefill_calls += 1
+                continue
+            out = npu_prompt_flash_attention(packed_query, keys, values, **arguments)
         with record_function("pfa_backend.unpack"):
             out = out.view(call.num_requests, -1, num_heads, head_size)
             for i, (start, n) in enumerate(zip(call.query_starts, call.query_lens)):
