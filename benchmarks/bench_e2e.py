@@ -1,9 +1,13 @@
 """End-to-end throughput: `vllm bench throughput` with the PFA backend and with CPU_ATTN, in one run.
 
 The benchmark model (built locally: 32 query heads, 8 kv heads, head_dim 128, 2 layers, small MLP, hidden size
-1024) makes attention a real share of the work. Workloads: prefill-heavy (input 2048, output 16) and mixed (input
-512, output 128). Each backend runs in its own `vllm bench throughput` process with the same arguments; backends
-alternate per workload so drift on a noisy machine hits both.
+1024) makes attention a real share of the work. Workloads: prefill-heavy (input 2048, output 16), mixed (input
+512, output 128) and long-context (input 8192, output 16). Each backend runs in its own `vllm bench throughput`
+process with the same arguments; backends alternate per workload so drift on a noisy machine hits both.
+
+`vllm bench throughput` without a dataset path samples its random dataset, whose lengths are
+`--random-input-len` / `--random-output-len` (it ignores `--input-len` / `--output-len`, with only a warning): each
+run checks the engine's reported prompt and output token totals against the workload and fails otherwise.
 
     python benchmarks/bench_e2e.py [--quick] [--dtype bfloat16] [--out benchmarks/results]
 """
@@ -17,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from plotting import grouped_bars
+from plotting import cpu_info, grouped_bars
 from vllm_pfa.model_builder import build_model
 
 VLLM = str(Path(sys.executable).parent / "vllm")
@@ -25,15 +29,34 @@ BACKENDS = ("pfa", "CPU_ATTN")
 WORKLOADS = {
     "prefill_heavy": dict(input_len=2048, output_len=16, num_prompts=12),
     "mixed": dict(input_len=512, output_len=128, num_prompts=24),
+    "long_context": dict(input_len=8192, output_len=16, num_prompts=4),
 }
 THROUGHPUT = re.compile(r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s")
+TOTALS = re.compile(r"Total num prompt tokens:\s+(\d+)\s+Total num output tokens:\s+(\d+)")
+# The random dataset decodes random token ids to text and encodes it again, which may shift a prompt by a token
+PROMPT_TOKENS_TOLERANCE = 0.02
+
+
+def check_totals(stdout: str, workload: dict) -> tuple[int, int]:
+    """The engine's prompt and output token totals, which must be the workload's (else it ran something else)."""
+    totals = TOTALS.search(stdout)
+    if not totals:
+        raise RuntimeError("vllm bench throughput printed no token totals")
+    prompt_tokens, output_tokens = map(int, totals.groups())
+    want_prompt = workload["num_prompts"] * workload["input_len"]
+    want_output = workload["num_prompts"] * workload["output_len"]
+    if abs(prompt_tokens - want_prompt) > PROMPT_TOKENS_TOLERANCE * want_prompt or output_tokens != want_output:
+        raise RuntimeError(f"the engine ran {prompt_tokens} prompt / {output_tokens} output tokens, not the "
+                           f"requested {want_prompt} / {want_output}: the benchmark did not run its workload")
+    return prompt_tokens, output_tokens
 
 
 def run_bench(model: str, backend: str, workload: dict, dtype: str) -> dict:
     cmd = [VLLM, "bench", "throughput", "--model", model, "--attention-backend", backend, "--dtype", dtype,
-           "--input-len", str(workload["input_len"]), "--output-len", str(workload["output_len"]),
-           "--num-prompts", str(workload["num_prompts"]), "--gpu-memory-utilization", "0.3",
-           "--max-model-len", "4096", "--seed", "0",
+           "--dataset-name", "random", "--random-input-len", str(workload["input_len"]),
+           "--random-output-len", str(workload["output_len"]), "--num-prompts", str(workload["num_prompts"]),
+           "--gpu-memory-utilization", "0.3", "--seed", "0",
+           "--max-model-len", str(max(4096, workload["input_len"] + workload["output_len"])),
            "--max-num-batched-tokens", "4096"]
     start = time.time()
     done = threading.Event()
@@ -51,15 +74,17 @@ def run_bench(model: str, backend: str, workload: dict, dtype: str) -> dict:
     if proc.returncode != 0 or not match:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     requests_s, total_s, output_s = map(float, match.groups())
+    prompt_tokens, output_tokens = check_totals(proc.stdout, workload)
     return dict(requests_per_s=requests_s, total_tokens_per_s=total_s, output_tokens_per_s=output_s,
-                wall_s=time.time() - start)
+                prompt_tokens=prompt_tokens, output_tokens=output_tokens, wall_s=time.time() - start)
 
 
 def plot(results: dict, path: Path) -> None:
     names = list(results)
-    grouped_bars(path, [f"{n}\n(PFA/CPU_ATTN {results[n]['ratio']:.2f}x)" for n in names],
+    grouped_bars(path, [f"{n} {results[n]['workload']['input_len']}/{results[n]['workload']['output_len']}\n"
+                        f"(PFA/CPU_ATTN {results[n]['ratio']:.2f}x)" for n in names],
                  {b: [results[n][b]["total_tokens_per_s"] for n in names] for b in BACKENDS},
-                 ylabel="total tokens/s", figsize=(7, 4.5),
+                 ylabel="total tokens/s", figsize=(8, 4.5),
                  title="vllm bench throughput, benchmark model (32/8 heads, D=128)")
 
 
@@ -68,11 +93,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer prompts")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model = str(build_model("bench"))
     results = {}
-    for name, workload in WORKLOADS.items():
+    for name in args.workloads:
+        workload = WORKLOADS[name]
         workload = dict(workload, num_prompts=max(4, workload["num_prompts"] // 3)) if args.quick else workload
         print(f"[{name}] input {workload['input_len']}, output {workload['output_len']}, "
               f"{workload['num_prompts']} prompts", flush=True)
@@ -85,8 +112,8 @@ def main() -> None:
         results[name]["ratio"] = ratio
         results[name]["workload"] = workload
         print(f"  PFA / CPU_ATTN: {ratio:.3f}x", flush=True)
-    (args.out / "bench_e2e.json").write_text(json.dumps(dict(dtype=args.dtype, model=model, results=results),
-                                                        indent=1))
+    (args.out / "bench_e2e.json").write_text(json.dumps(dict(dtype=args.dtype, model=model, cpu=cpu_info(),
+                                                             results=results), indent=1))
     plot(results, args.out / "bench_e2e.png")
     print(f"wrote {args.out / 'bench_e2e.json'} and {args.out / 'bench_e2e.png'}")
 

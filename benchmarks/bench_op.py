@@ -22,8 +22,9 @@ from vllm import _custom_ops as ops
 from vllm import envs
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from plotting import grouped_bars
-from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention, reference_npu_prompt_flash_attention
+from plotting import cpu_info, grouped_bars
+from vllm_pfa.ops import compressed_causal_mask, native_kernel, npu_prompt_flash_attention
+from vllm_pfa.ops import reference_npu_prompt_flash_attention
 
 ANCHOR_BLOCK_SIZE = 128
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,6 +46,12 @@ def timeit(fn, min_repeats: int = 3, min_seconds: float = 1.0) -> float:
         if len(times) >= 20:
             break
     return statistics.median(times)
+
+
+def gemm_gflops(dtype: torch.dtype, n: int = 2048) -> float:
+    """The machine's matrix-multiply rate in this dtype: torch.matmul of two n x n matrices (oneDNN/MKL)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n ** 3 / timeit(lambda: a @ b) / 1e9
 
 
 def vllm_kernel_call(q, k, v, lens, scale):
@@ -128,11 +135,12 @@ def label(r: dict) -> str:
     return f"{r['dtype']} N{r['heads']}/{r['kv_heads']} D{r['dim']} S={lens}"
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], gemm: dict[str, float], path: Path) -> None:
     names = ["pfa", "vllm_cpu_kernel", "sdpa"]
     grouped_bars(path, [label(r) for r in results], {n: [r["gflops"][n] for r in results] for n in names},
                  ylabel="GFLOP/s (causal FLOPs)", figsize=(max(10, len(results) * 0.45), 6), label_rotation=75,
-                 title="Causal prefill attention on CPU: PFA vs vLLM CPU kernel vs torch SDPA")
+                 title="Causal prefill attention on CPU: PFA vs vLLM CPU kernel vs torch SDPA",
+                 reference_lines={f"torch.matmul {name} (2048^3)": value for name, value in gemm.items()})
 
 
 def main() -> None:
@@ -143,6 +151,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())
     all_shapes = list(shapes(args.quick))
+    cpu = cpu_info()
+    gemm = {name: gemm_gflops(dtype) for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    kernel = native_kernel.extension()
+    products = {name: kernel.products_for(torch.zeros(1, dtype=dtype)) if kernel else None
+                for name, dtype in DTYPES.items()}
+    print(f"{cpu['model']}, {cpu['cpus']} CPUs, {torch.get_num_threads()} threads; ISA: {' '.join(cpu['isa_flags'])}")
+    print(f"torch.matmul GFLOP/s: bf16 {gemm['bf16']:.0f}, fp32 {gemm['fp32']:.0f}; native kernel products: "
+          f"{products}")
     results = []
     print(f"{'shape':44s} {'PFA':>8s} {'kernel':>8s} {'SDPA':>8s} {'ref':>8s}  PFA/kernel  PFA/SDPA  (GFLOP/s)")
     for i, shape in enumerate(all_shapes, 1):
@@ -154,12 +170,16 @@ def main() -> None:
         print(f"{label(r):44s} {g['pfa']:8.1f} {g['vllm_cpu_kernel']:8.1f} {g['sdpa']:8.1f} {ref}  "
               f"{r['ratio_pfa_vs_kernel']:9.2f}x {r['ratio_pfa_vs_sdpa']:8.2f}x", flush=True)
     ratios = [r["ratio_pfa_vs_kernel"] for r in results]
+    by_dtype = {name: statistics.geometric_mean([r["ratio_pfa_vs_kernel"] for r in results if r["dtype"] == name])
+                for name in DTYPES if any(r["dtype"] == name for r in results)}
     summary = dict(min_ratio_pfa_vs_kernel=min(ratios), geomean_ratio_pfa_vs_kernel=statistics.geometric_mean(ratios),
-                   threads=torch.get_num_threads(), torch=torch.__version__)
+                   geomean_ratio_pfa_vs_kernel_by_dtype=by_dtype, gemm_gflops=gemm, native_products=products,
+                   cpu=cpu, threads=torch.get_num_threads(), torch=torch.__version__)
     print(f"PFA vs vLLM CPU kernel: min {summary['min_ratio_pfa_vs_kernel']:.2f}x, "
-          f"geomean {summary['geomean_ratio_pfa_vs_kernel']:.2f}x over {len(results)} shapes")
+          f"geomean {summary['geomean_ratio_pfa_vs_kernel']:.2f}x over {len(results)} shapes; by dtype: "
+          + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in by_dtype.items()))
     (args.out / "bench_op.json").write_text(json.dumps(dict(summary=summary, results=results), indent=1))
-    plot(results, args.out / "bench_op.png")
+    plot(results, gemm, args.out / "bench_op.png")
     print(f"wrote {args.out / 'bench_op.json'} and {args.out / 'bench_op.png'}")
 
 
