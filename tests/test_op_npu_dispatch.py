@@ -17,7 +17,7 @@ def test_npu_tensors_dispatch_to_torch_npu(monkeypatch):
     stand_in = types.ModuleType("torch_npu")
     stand_in.npu_prompt_flash_attention = lambda *args, **kwargs: calls.append((args, kwargs)) or sentinel
     monkeypatch.setitem(sys.modules, "torch_npu", stand_in)
-    monkeypatch.setattr(api, "_runs_on_npu", lambda query: True)
+    monkeypatch.setattr(api, "runs_on_npu", lambda query: True)
     q = torch.zeros(1, 4, 8, 16, dtype=torch.float16)
     mask = compressed_causal_mask()
     result = api.npu_prompt_flash_attention(q, q, q, num_heads=4, input_layout="BNSD", sparse_mode=3,

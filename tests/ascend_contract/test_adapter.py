@@ -156,7 +156,7 @@ def _run(case: Case, monkeypatch=None, force_npu_branch: bool = True):
                     dtype=case.dtype, **({"sliding_window": case.sliding_window} if case.sliding_window else {}))
     query, key, value, kv_cache, common, queries, keys, values = _batch(case)
     if force_npu_branch:  # the operator's NPU branch: PFA calls reach the torch_npu stand-in (recorded)
-        monkeypatch.setattr(api, "_runs_on_npu", lambda tensor: True)
+        monkeypatch.setattr(api, "runs_on_npu", lambda tensor: True)
     with set_current_vllm_config(config):
         builder = PFAAscendAttentionBackend.get_builder_cls()(spec, [Layer.layer_name], config, torch.device("cpu"))
         metadata = builder.build(0, common)

@@ -129,7 +129,7 @@ class _StagingBuffers:
         self._flat: dict[str, torch.Tensor] = {}
 
     def empty(self, name: str, like: torch.Tensor, *shape: int) -> torch.Tensor:
-        if api._runs_on_npu(like):
+        if api.runs_on_npu(like):
             return like.new_zeros(shape)
         numel = math.prod(shape)
         flat = self._flat.get(name)
@@ -181,8 +181,9 @@ def run_prefill(query, key, value, kv_cache, plan: PFAPrefillPlan, output, *, nu
                          input_layout=PFA_LAYOUT, actual_seq_lengths=call.query_lens,
                          actual_seq_lengths_kv=call.seq_lens, **({"atten_mask": plan.atten_mask} | mask_args))
         with record_function("pfa_backend.operator"):
-            # On CPU the native kernel writes the rows of `output` itself (no result tensor to copy back).
-            if new_rows.device.type == "cpu" and native_kernel.prompt_flash_attention_into(
+            # Our CPU implementation: the native kernel writes the rows of `output` itself (no result tensor to
+            # copy back).
+            if not api.runs_on_npu(new_rows) and native_kernel.prompt_flash_attention_into(
                     new_rows, call.query_starts, packed_query, keys, values, **arguments):
                 STATS.prefill_calls += 1
                 continue

@@ -22,7 +22,9 @@ DEFAULT_PRE_TOKENS = 2147473647  # torch_npu's default, as published
 IntList = Sequence[int] | torch.Tensor | None
 
 
-def _runs_on_npu(query: torch.Tensor) -> bool:
+def runs_on_npu(query: torch.Tensor) -> bool:
+    """Whether the operator hands this query to torch_npu (the one dispatch decision; callers that prepare its
+    inputs, e.g. the backend's packing, ask the same question)."""
     return query.device.type == "npu"
 
 
@@ -57,7 +59,7 @@ def npu_prompt_flash_attention(
         next_tokens=next_tokens, input_layout=input_layout, num_key_value_heads=num_key_value_heads,
         actual_seq_lengths_kv=actual_seq_lengths_kv, sparse_mode=sparse_mode,
     )
-    on_npu = isinstance(query, torch.Tensor) and _runs_on_npu(query)
+    on_npu = isinstance(query, torch.Tensor) and runs_on_npu(query)
     if not on_npu:
         # Checked here too: the dispatcher would reject ill-typed arguments with its own, less precise message.
         validate(query, key, value, **kwargs)
