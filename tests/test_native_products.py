@@ -2,6 +2,9 @@
 AVX-512F emulation of them on any AVX-512 CPU) and its in-place output for the backend."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -121,3 +124,22 @@ def test_into_rejects_rows_outside_out():
     with pytest.raises(RuntimeError, match="leaves rows outside out"):
         native_kernel.prompt_flash_attention_into(torch.empty(10, 2, 16), [5], q, q, q, num_heads=2,
                                                   input_layout="BSND", scale_value=1 / math.sqrt(16))
+
+
+def test_without_bf16_instructions_bf16_takes_the_fp32_products():
+    """With oneDNN limited to AVX-512 without bf16 (as on CPUs that lack it) the probe finds no 16-bit kernels and
+    "auto" multiplies in fp32, still matching the reference."""
+    code = "\n".join([
+        "import torch",
+        "from vllm_pfa import _C",
+        "from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention as op",
+        "from vllm_pfa.ops import reference_npu_prompt_flash_attention as ref",
+        "assert _C.products_for(torch.zeros(1, dtype=torch.bfloat16)) == 'fp32'",
+        "q = torch.randn(1, 2, 300, 64).bfloat16()",
+        "kw = dict(num_heads=2, input_layout='BNSD', scale_value=0.125, sparse_mode=3,"
+        " atten_mask=compressed_causal_mask())",
+        "torch.testing.assert_close(op(q, q, q, **kw).float(), ref(q, q, q, **kw).float(), atol=3e-2, rtol=3e-2)",
+    ])
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX512_CORE")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
