@@ -1,13 +1,26 @@
 """Shared generators of PFA problems for the operator tests (hypothesis strategies and tensor builders)."""
 
+import contextlib
 import math
 
 import torch
 from hypothesis import strategies as st
 
-from vllm_pfa.ops import compressed_causal_mask
+from vllm_pfa.ops import compressed_causal_mask, native_kernel
 
 LAYOUTS = ("BSH", "BSND", "BNSD", "BNSD_BSND")
+
+
+@contextlib.contextmanager
+def counting_native_runs(calls: list | None = None):
+    """Yields a list that gets one entry per native kernel run inside the block (`calls` if given)."""
+    calls = [] if calls is None else calls
+    run = native_kernel.run
+    native_kernel.run = lambda *args, **kwargs: calls.append(1) or run(*args, **kwargs)
+    try:
+        yield calls
+    finally:
+        native_kernel.run = run
 
 
 def make_qkv(layout, batch, heads, kv_heads, q_seq, kv_seq, dim, dtype, seed=0):

@@ -13,6 +13,8 @@ import torch
 from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention, reference_npu_prompt_flash_attention
 from vllm_pfa.ops import native_kernel
 
+from pfa_cases import counting_native_runs
+
 pytestmark = pytest.mark.skipif(not native_kernel.available(),
                                 reason="the native kernel needs an AVX-512 CPU and a built _C")
 
@@ -110,13 +112,8 @@ def _native_and_reference(q, k, v, heads=2):
     """The op on BNSD tensors, causal (asserting that the native kernel ran), and the reference."""
     kwargs = dict(num_heads=heads, input_layout="BNSD", scale_value=1 / math.sqrt(q.shape[-1]), sparse_mode=3,
                   atten_mask=compressed_causal_mask())
-    calls = []
-    run = native_kernel.run
-    native_kernel.run = lambda *a: calls.append(1) or run(*a)
-    try:
+    with counting_native_runs() as calls:
         actual = npu_prompt_flash_attention(q, k, v, **kwargs)
-    finally:
-        native_kernel.run = run
     assert calls, "the native kernel did not run"
     return actual, reference_npu_prompt_flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), **kwargs)
 

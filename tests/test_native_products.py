@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pfa_cases import problems
 from test_op_fast_path import TOLERANCE, _assert_matches_reference, _native_eligible
@@ -34,28 +35,21 @@ def _op_with_products(products, q, k, v, kwargs, monkeypatch):
     return out
 
 
+@pytest.mark.parametrize("products,dtypes", [
+    ("input_dtype_emulated", SIXTEEN_BIT),
+    pytest.param("input_dtype", (torch.bfloat16,), marks=pytest.mark.skipif(
+        not _has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")),
+], ids=["emulated", "hardware_bf16"])
 @settings(max_examples=60, deadline=None)
-@given(problems(dtypes=SIXTEEN_BIT, head_dims=(16, 40, 64, 128), max_seq=300))
-def test_emulated_16bit_products_match_reference(case):
-    """The 16-bit path (VNNI packing, block-wide products, P rounded to the input dtype) on every AVX-512 CPU,
-    within the reference tests' tolerances."""
-    q, k, v, kwargs = case
+@given(data=st.data())
+def test_16bit_products_match_reference(products, dtypes, data):
+    """The 16-bit path (VNNI packing, block-wide products, P rounded to the input dtype), emulated with AVX-512F on
+    every AVX-512 CPU and on the instructions where the CPU has them, within the reference tests' tolerances."""
+    q, k, v, kwargs = data.draw(problems(dtypes=dtypes, head_dims=(16, 40, 64, 128), max_seq=300))
     if not _native_eligible(kwargs):
         return
     with pytest.MonkeyPatch.context() as monkeypatch:
-        actual = _op_with_products("input_dtype_emulated", q, k, v, kwargs, monkeypatch)
-    _assert_matches_reference(q, k, v, kwargs, actual)
-
-
-@pytest.mark.skipif(not _has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")
-@settings(max_examples=60, deadline=None)
-@given(problems(dtypes=(torch.bfloat16,), head_dims=(16, 40, 64, 128), max_seq=300))
-def test_hardware_bf16_products_match_reference(case):
-    q, k, v, kwargs = case
-    if not _native_eligible(kwargs):
-        return
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        actual = _op_with_products("input_dtype", q, k, v, kwargs, monkeypatch)
+        actual = _op_with_products(products, q, k, v, kwargs, monkeypatch)
     _assert_matches_reference(q, k, v, kwargs, actual)
 
 

@@ -24,6 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pfa_cases import counting_native_runs
 from test_op_reference import brute_force
 from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention, npu_trans_quant_param
 from vllm_pfa.ops import reference_npu_prompt_flash_attention
@@ -358,12 +359,8 @@ def check_native_case(spec: dict, calls: list) -> None:
     """One case through the public op, native kernel on; each kernel run appends to `calls`."""
     q, k, v, kwargs, expected = build(spec)
     assert expected is None, spec
-    run = native_kernel.run
-    native_kernel.run = lambda *a: calls.append(1) or run(*a)
-    try:
+    with counting_native_runs(calls):
         actual = npu_prompt_flash_attention(q, k, v, **kwargs)
-    finally:
-        native_kernel.run = run
     _assert_same(actual, reference_npu_prompt_flash_attention(q, k, v, **kwargs), TOLERANCE[q.dtype])
 
 
@@ -386,10 +383,6 @@ def test_fuzz_python_paths(request):
     run()
 
 
-KNOWN_NATIVE_NAN = ("issue 10 finding 5, native side (issue 12's engineer): the native kernel does not yet follow "
-                    "the NaN/Inf policy of vllm_pfa/ops/reference.py")
-
-
 @pytest.fixture(scope="module")
 def native_reports(request, tmp_path_factory) -> dict:
     """One subprocess runs both parts (one interpreter start); a crash fails the tests that read it."""
@@ -408,11 +401,7 @@ def test_fuzz_native_kernel(native_reports, part):
     """Native-kernel cases, in a subprocess: a crash (nonzero or negative return code) or any mismatch fails."""
     report = native_reports[part]
     assert report["native_calls"] > report["examples"] // 2, report  # the cases do reach the kernel
-    failures = report["failures"]
-    known = ("AssertionError: NaN at", "AssertionError: inf differs")  # where NaN/inf lands, nothing else
-    if failures and part == "non_finite" and all(f["native"] and f["error"].startswith(known) for f in failures):
-        pytest.xfail(f"{KNOWN_NATIVE_NAN}; {len(failures)} of {report['examples']} cases, first: {failures[0]}")
-    assert not failures, json.dumps(failures[:5], indent=1)
+    assert not report["failures"], json.dumps(report["failures"][:5], indent=1)
 
 
 def _child(examples: int, current: str) -> None:

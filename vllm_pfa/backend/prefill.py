@@ -133,7 +133,7 @@ class _StagingBuffers:
             return like.new_zeros(shape)
         numel = math.prod(shape)
         flat = self._flat.get(name)
-        if flat is None or flat.numel() < numel or flat.dtype != like.dtype:
+        if flat is None or flat.numel() < numel or flat.dtype != like.dtype or flat.device != like.device:
             flat = self._flat[name] = like.new_empty(numel)
         return flat[:numel].view(shape)
 
