@@ -24,7 +24,8 @@ logger = init_logger(__name__)
 
 @functools.cache
 def extension():
-    """The compiled kernel module, or None where it is not built or this CPU lacks AVX-512 (logged once)."""
+    """The compiled kernel module, or None where it is not built or this CPU lacks AVX-512; which CPU route runs is
+    logged once per process."""
     try:
         from vllm_pfa import _C
     except ImportError as exc:
@@ -33,6 +34,7 @@ def extension():
     if not _C.cpu_supported():
         logger.info("this CPU lacks AVX-512: PFA uses vLLM's CPU kernel or torch instead of the native kernel")
         return None
+    logger.info("PFA's CPU path: the native AVX-512 kernel (vllm_pfa._C)")
     return _C
 
 
