@@ -22,6 +22,8 @@ from vllm_pfa.backend.pfa_attn import PFAAttentionImpl, PFAMetadataBuilder
 from vllm_pfa.model_builder import SPECS, build_model
 from vllm_pfa.testing import make_paged_batch
 
+from plotting import cpu_info, grouped_bars
+
 BLOCK_SIZE = 128
 SCENARIOS = {  # (query_len, seq_len) per request, decodes first
     "fresh prefill 2048": [(2048, 2048)],
@@ -81,8 +83,16 @@ def main() -> None:
                   f"{p['_C::cpu_attention_with_kv_cache']:.2f}, decode included) | decode "
                   f"{p['pfa_backend.existing_path']:.2f} | unpack {p['pfa_backend.unpack']:.2f} ms | "
                   f"backend overhead {100 * r['backend_overhead_share']:.1f}%", flush=True)
-    (args.out / "profile_backend.json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {args.out / 'profile_backend.json'}")
+    (args.out / "profile_backend.json").write_text(json.dumps(dict(cpu=cpu_info(), scenarios=results), indent=1))
+    shown = {"metadata build": "build", "pack + gather": "pfa_backend.pack_and_gather",
+             "PFA operator": "pfa_backend.operator", "decode (existing path)": "pfa_backend.existing_path",
+             "unpack": "pfa_backend.unpack"}
+    grouped_bars(args.out / "profile_backend.png",
+                 [f"{name}\n(overhead {100 * r['backend_overhead_share']:.1f}%)" for name, r in results.items()],
+                 {label: [r["parts_ms"][key] for r in results.values()] for label, key in shown.items()},
+                 ylabel="ms per step (one layer)", title="Where a step's attention time goes in the PFA backend",
+                 figsize=(10, 5))
+    print(f"wrote {args.out / 'profile_backend.json'} and {args.out / 'profile_backend.png'}")
 
 
 if __name__ == "__main__":
