@@ -38,6 +38,12 @@ class PFAAscendMetadata(AscendMetadata):
 class PFAAscendMetadataBuilder(AscendAttentionMetadataBuilder):
     metadata_cls = PFAAscendMetadata
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # The cache layout is fixed for the process: pick the gather once, not per step.
+        self.pfa_gather = functools.partial(ascend_kv.gather,
+                                            heads_major=envs.VLLM_KV_CACHE_LAYOUT in ("LBHNC", "HND"))
+
     def _build_backend_metadata(self, common_attn_metadata, *, block_table, query_lens, seq_lens, num_decodes,
                                 num_prefills):
         extra = super()._build_backend_metadata(
@@ -53,9 +59,7 @@ class PFAAscendMetadataBuilder(AscendAttentionMetadataBuilder):
                 seq_lens_host=seq_lens[:num_reqs].tolist(),  # vllm-ascend's host copy
                 # The block table is in the cache's kernel blocks, which may be smaller than the spec's blocks:
                 # keep whole rows, and let the gather read the block size off the cache.
-                block_table=block_table, block_size=None, device=self.device,
-                gather=functools.partial(ascend_kv.gather,
-                                         heads_major=envs.VLLM_KV_CACHE_LAYOUT in ("LBHNC", "HND")))
+                block_table=block_table, block_size=None, device=self.device, gather=self.pfa_gather)
         return extra
 
 
