@@ -29,7 +29,7 @@ def test_npu_tensors_dispatch_to_torch_npu(monkeypatch):
     assert kwargs["atten_mask"] is mask and kwargs["sparse_mode"] == 3 and kwargs["num_heads"] == 4
     assert kwargs["actual_seq_lengths"] == [5] and kwargs["actual_seq_lengths_kv"] == [8]
     assert kwargs["input_layout"] == "BNSD" and kwargs["scale_value"] == 0.25
-    assert kwargs["pre_tokens"] == 2147473647 and kwargs["next_tokens"] == 0 and kwargs["num_key_value_heads"] == 0
+    assert kwargs["pre_tokens"] == 2147483647 and kwargs["next_tokens"] == 0 and kwargs["num_key_value_heads"] == 0
     assert set(kwargs) == {"pse_shift", "padding_mask", "atten_mask", "actual_seq_lengths", "deq_scale1",
                            "quant_scale1", "deq_scale2", "quant_scale2", "quant_offset2", "num_heads", "scale_value",
                            "pre_tokens", "next_tokens", "input_layout", "num_key_value_heads",

@@ -31,7 +31,7 @@ def _kept(mode, i, j, aq, akv, pre, nxt, mask_row):
 
 def brute_force(q, k, v, *, num_heads, input_layout, scale_value, sparse_mode, num_key_value_heads=0,
                 actual_seq_lengths=None, actual_seq_lengths_kv=None, atten_mask=None, pse_shift=None,
-                pre_tokens=2147473647, next_tokens=0):
+                pre_tokens=2147483647, next_tokens=0):
     kv_heads = num_key_value_heads or num_heads
     qb, kb, vb = (_bnsd(t, input_layout, n).double() for t, n in ((q, num_heads), (k, kv_heads), (v, kv_heads)))
     batch, _, q_seq, dim = qb.shape

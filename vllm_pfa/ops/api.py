@@ -17,7 +17,7 @@ from vllm_pfa.ops.reference import reference_prompt_flash_attention
 from vllm_pfa.ops.validation import lengths_list, validate
 
 OP_NAME = "vllm_pfa::npu_prompt_flash_attention"
-DEFAULT_PRE_TOKENS = 2147473647  # torch_npu's default, as published
+DEFAULT_PRE_TOKENS = 2147483647  # torch_npu registers this; the spec's prototype line (2147473647) is a typo
 
 IntList = Sequence[int] | torch.Tensor | None
 
@@ -33,9 +33,9 @@ def npu_prompt_flash_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     *,
-    pse_shift: torch.Tensor | None = None,
     padding_mask: torch.Tensor | None = None,
     atten_mask: torch.Tensor | None = None,
+    pse_shift: torch.Tensor | None = None,
     actual_seq_lengths: IntList = None,
     deq_scale1: torch.Tensor | None = None,
     quant_scale1: torch.Tensor | None = None,
@@ -53,7 +53,7 @@ def npu_prompt_flash_attention(
 ) -> torch.Tensor:
     """Prompt Flash Attention (full-sequence FA) with torch_npu's contract; see the operator spec."""
     kwargs = dict(
-        pse_shift=pse_shift, padding_mask=padding_mask, atten_mask=atten_mask, actual_seq_lengths=actual_seq_lengths,
+        padding_mask=padding_mask, atten_mask=atten_mask, pse_shift=pse_shift, actual_seq_lengths=actual_seq_lengths,
         deq_scale1=deq_scale1, quant_scale1=quant_scale1, deq_scale2=deq_scale2, quant_scale2=quant_scale2,
         quant_offset2=quant_offset2, num_heads=num_heads, scale_value=scale_value, pre_tokens=pre_tokens,
         next_tokens=next_tokens, input_layout=input_layout, num_key_value_heads=num_key_value_heads,
@@ -76,9 +76,10 @@ def _prompt_flash_attention_impl(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    pse_shift: torch.Tensor | None = None,
+    *,
     padding_mask: torch.Tensor | None = None,
     atten_mask: torch.Tensor | None = None,
+    pse_shift: torch.Tensor | None = None,
     actual_seq_lengths: list[int] | None = None,
     deq_scale1: torch.Tensor | None = None,
     quant_scale1: torch.Tensor | None = None,
@@ -111,10 +112,15 @@ def _prompt_flash_attention_impl(
 
 
 _OP_SIGNATURE = inspect.signature(_prompt_flash_attention_impl)
-_prompt_flash_attention_op = torch.library.custom_op(OP_NAME, mutates_args=())(_prompt_flash_attention_impl)
+# torch_npu's schema makes every argument after `value` keyword-only, Tensors included; `torch.library.custom_op`
+# refuses keyword-only Tensors, so the op is defined with the lower-level calls (the schema still inferred from the
+# implementation's signature; "default" is the CompositeExplicitAutograd kernel custom_op would register).
+torch.library.define(OP_NAME, torch.library.infer_schema(_prompt_flash_attention_impl, mutates_args=()),
+                     tags=(torch.Tag.pt2_compliant_tag,))
+torch.library.impl(OP_NAME, "default", _prompt_flash_attention_impl)
 
 
-@_prompt_flash_attention_op.register_fake
+@torch.library.register_fake(OP_NAME)
 def _prompt_flash_attention_fake(*args, **kwargs):
     """Output shape and dtype only, after the same validation as the real implementation."""
     bound = _OP_SIGNATURE.bind(*args, **kwargs)
