@@ -1,8 +1,22 @@
 """Loggers of vllm-pfa, through vLLM's logger."""
 
+import logging
+
 from vllm.logger import init_logger as _vllm_init_logger
 
+_said: set[tuple] = set()
 
-def init_logger(name: str):
+
+def init_logger(name: str) -> logging.Logger:
     # vLLM's logging configuration (handler, level, VLLM_LOGGING_LEVEL) covers the "vllm" logger tree only.
     return _vllm_init_logger(f"vllm.{name}")
+
+
+def log_once(logger: logging.Logger, level: int, msg: str, *args) -> None:
+    """Logs a message once per process. Not vLLM's `*_once` methods: their default scope asks vLLM's distributed
+    state, which is not set up when plugins load (the line is dropped), and the plugin's start-up messages must not
+    depend on what a vLLM release offers."""
+    key = (logger.name, level, msg, args)
+    if key not in _said:
+        _said.add(key)
+        logger.log(level, msg, *args)

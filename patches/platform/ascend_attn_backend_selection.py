@@ -1,37 +1,33 @@
 """Make vllm-ascend's NPU platform honour `--attention-backend pfa`.
 
-What: (1) `NPUPlatform.check_and_update_config` keeps a PFA selection through vllm-ascend's config fix-ups;
-    (2) `NPUPlatform.get_attn_backend_cls` returns the PFA backend for Ascend
-    (`vllm_pfa.backend.ascend_attn.PFAAscendAttentionBackend`) when PFA is selected, after checking the device.
+What: (1) `NPUPlatform.check_and_update_config` keeps a PFA selection through vllm-ascend's config fix-ups, and
+    refuses it on a stack PFA is not verified on; (2) `NPUPlatform.get_attn_backend_cls` returns the PFA backend for
+    Ascend (`vllm_pfa.backend.ascend_attn.PFAAscendAttentionBackend`) when PFA is selected, after checking the
+    device.
 Why: (1) vllm-ascend's `_fix_incompatible_config` (run by `check_and_update_config` since v0.14.0rc1) resets
     `attention_config.backend` to None ("Ascend NPU will use its registered plugin backend instead"), so the
-    selection never reaches `get_attn_backend_cls`; (2) that method maps (MLA, sparse, compress) to vllm-ascend's own
-    backends and ignores the selected one.
+    selection never reaches `get_attn_backend_cls`, and vllm-ascend's own backend would run for a user who asked for
+    PFA; (2) that method maps (MLA, sparse, compress) to vllm-ascend's own backends and ignores the selected one.
 How: (1) wraps `check_and_update_config`: all of vllm-ascend's fix-ups run unchanged, then a PFA selection they
-    reset is put back (logged); (2) wraps `get_attn_backend_cls` (shared mechanism:
-    `selection.patch_backend_selection`). Any other selection, and every config without PFA, reaches vllm-ascend
-    unchanged. PFA on a device the operator spec does not cover for vLLM's prefill (310P: fp16 only,
-    actual_seq_lengths=None, sparse_mode=0, no GQA; A5: not listed) is refused at start-up, naming the device and
-    the rule, instead of falling back to another backend.
-For: the stacks in SUPPORTED_STACKS (verified by tests/ascend_contract against vllm-ascend's released source); any
-    other vllm-ascend or vLLM is refused with one log line.
+    reset is put back (logged); (2) wraps `get_attn_backend_cls` (shared mechanism: `selection.patch_platform`).
+    Any other selection, and every config without PFA, reaches vllm-ascend unchanged. PFA on a device the operator
+    spec does not cover for vLLM's prefill (310P: fp16 only, actual_seq_lengths=None, sparse_mode=0, no GQA; A5: not
+    listed) is refused at start-up, naming the device and the rule, instead of falling back to another backend.
+For: the stacks in VERIFIED_STACKS (releases compared as vllm-ascend compares them: `0.30.0+empty` is 0.30.0,
+    `VLLM_VERSION` overrides a dev build's). Other stacks: only the refusal, unless VLLM_PFA_ALLOW_UNVERIFIED=1.
+    Without vllm-ascend nothing is patched and nothing is said.
 Remove when: vllm-ascend keeps a user-selected registered backend and resolves it in `get_attn_backend_cls`.
 """
 
-import importlib.metadata
-import importlib.util
-
-import vllm
-
 from vllm_pfa.log import init_logger
-from vllm_pfa_patches.platform.selection import BACKEND_NAME, is_pfa, patch_backend_selection, wrap_classmethod
+from vllm_pfa_patches.platform.selection import BACKEND_NAME, Stack, is_pfa, patch_platform
+from vllm_pfa.plugin import ASCEND_BACKEND_CLASS_PATH as PFA_ASCEND_BACKEND
+from vllm_pfa_patches.versions import vllm_ascend_installed, vllm_ascend_release, vllm_release
 
 logger = init_logger(__name__)
 
-# vllm-ascend release -> the vLLM releases it is verified with: its own pairing (0.30.0) and the vLLM this project
-# runs on CPU (0.32.0), where the contract suite imports and exercises the release's source.
-SUPPORTED_STACKS = {"0.30.0rc2": ("0.30.0", "0.32.0")}
-PFA_ASCEND_BACKEND = "vllm_pfa.backend.ascend_attn.PFAAscendAttentionBackend"
+# vllm-ascend 0.30.0rc2 on its own paired vLLM (tests/ascend_contract runs on it: .venv-vllm030).
+VERIFIED_STACKS = ({"vLLM": "0.30.0", "vllm-ascend": "0.30.0rc2"},)
 # The operator spec covers vLLM's batched causal prefill on these products only.
 SUPPORTED_DEVICES = ("A2", "A3")
 DEVICE_RULES = {
@@ -42,14 +38,8 @@ DEVICE_RULES = {
 }
 
 
-def stack_supported(vllm_version: str, vllm_ascend_version: str) -> bool:
-    if vllm_version in SUPPORTED_STACKS.get(vllm_ascend_version, ()):
-        return True
-    logger.warning(
-        "vllm-pfa: not patching vllm-ascend %s with vLLM %s (verified stacks: %s); --attention-backend pfa will not "
-        "be honoured on NPU.", vllm_ascend_version, vllm_version,
-        "; ".join(f"vllm-ascend {a} with vLLM {', '.join(v)}" for a, v in SUPPORTED_STACKS.items()))
-    return False
+def stack() -> Stack:
+    return Stack("Ascend NPU", {"vLLM": vllm_release(), "vllm-ascend": vllm_ascend_release()}, VERIFIED_STACKS)
 
 
 def check_device() -> None:
@@ -65,25 +55,17 @@ def check_device() -> None:
                      f"--attention-backend pfa to use vllm-ascend's own attention backend on this device.")
 
 
-def _keep_pfa_through_config_fixups(platform_cls: type) -> None:
-    def check_and_update_config(original, cls, vllm_config) -> None:
-        attention_config = getattr(vllm_config, "attention_config", None)
-        selected = getattr(attention_config, "backend", None)
-        original(cls, vllm_config)
-        if is_pfa(selected) and attention_config.backend is None:
-            attention_config.backend = selected
-            logger.info("vllm-pfa: keeping attention backend %s (vllm-ascend's config fix-ups reset it).",
-                        BACKEND_NAME)
-
-    wrap_classmethod(platform_cls, "check_and_update_config", check_and_update_config)
+def _keep_pfa_through_config_fixups(vllm_config, selected) -> None:
+    attention_config = vllm_config.attention_config
+    if is_pfa(selected) and attention_config.backend is None:
+        attention_config.backend = selected
+        logger.info("vllm-pfa: keeping attention backend %s (vllm-ascend's config fix-ups reset it).", BACKEND_NAME)
 
 
 def apply() -> bool:
-    if importlib.util.find_spec("vllm_ascend") is None:
-        return False  # not an Ascend installation: nothing to patch
-    if not stack_supported(vllm.__version__, importlib.metadata.version("vllm-ascend")):
-        return False
+    if not vllm_ascend_installed():
+        return False  # not an Ascend installation: nothing to patch, nothing to say
     from vllm_ascend.platform import NPUPlatform
 
-    _keep_pfa_through_config_fixups(NPUPlatform)
-    return patch_backend_selection(NPUPlatform, PFA_ASCEND_BACKEND, check=check_device)
+    return patch_platform(NPUPlatform, stack, PFA_ASCEND_BACKEND, check=check_device,
+                          after_config=_keep_pfa_through_config_fixups)

@@ -1,11 +1,19 @@
-"""The shared mechanism of the backend-selection patches: wrap a platform's `get_attn_backend_cls` so that
-selecting PFA returns PFA's class (after checking the model, and the device where the platform needs it, against
-what the backend supports), and every other selection reaches the original method unchanged."""
+"""The shared mechanism of the backend-selection patches (`patch_platform`).
+
+A platform's selection is patched in two places: `check_and_update_config` (runs wherever a VllmConfig is built, the
+API server included, before any engine process starts) refuses a PFA selection on a stack PFA is not verified on, so
+the user gets a start-up error instead of the platform's default backend; `get_attn_backend_cls` returns PFA's class
+when PFA is selected (after checking the model, and the device where the platform needs it). Every other selection
+reaches the platform's methods unchanged.
+"""
+
+import logging
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from vllm_pfa.log import init_logger
-from vllm.utils.import_utils import resolve_obj_by_qualname
+from vllm_pfa.log import init_logger, log_once
+from vllm_pfa_patches.versions import ALLOW_UNVERIFIED_ENV, allow_unverified, describe, describe_verified
 
 logger = init_logger(__name__)
 
@@ -13,13 +21,23 @@ BACKEND_NAME = "PFA"
 _PATCHED = "_vllm_pfa_patched"
 
 
-def version_supported(package: str, installed: str, supported: tuple[str, ...]) -> bool:
-    if installed in supported:
-        return True
-    logger.warning(
-        "vllm-pfa: not patching %s %s (the patch was written for %s); --attention-backend pfa will not be honoured "
-        "on this platform.", package, installed, ", ".join(supported))
-    return False
+@dataclass(frozen=True)
+class Stack:
+    """The installed releases of a platform's stack and the combinations PFA is verified on."""
+
+    platform: str  # "CPU", "Ascend NPU"
+    installed: dict[str, str | None]  # package -> release (versions.release)
+    verified: tuple[dict[str, str], ...]
+
+    @property
+    def is_verified(self) -> bool:
+        return any(all(self.installed.get(name) == version for name, version in stack.items())
+                   for stack in self.verified)
+
+    def refusal(self) -> str:
+        return (f"The PFA attention backend is not verified on this {self.platform} stack ({describe(self.installed)}; "
+                f"verified: {describe_verified(self.verified)}). Install a verified stack, start without "
+                f"--attention-backend pfa, or set {ALLOW_UNVERIFIED_ENV}=1 to try PFA on this one.")
 
 
 def is_pfa(selected_backend) -> bool:
@@ -42,14 +60,52 @@ def wrap_classmethod(cls: type, name: str, wrapper: Callable) -> bool:
     return True
 
 
-def patch_backend_selection(platform_cls: type, backend_class_path: str,
-                            check: Callable[[], None] | None = None) -> bool:
-    """Wraps `platform_cls.get_attn_backend_cls`; True once the wrapper is in place. `check` raises where the
-    platform's device cannot run the backend."""
+def _selected(vllm_config):
+    return getattr(getattr(vllm_config, "attention_config", None), "backend", None)
 
-    def get_attn_backend_cls(original, cls, selected_backend, attn_selector_config, num_heads=None):
+
+def _refuse_unless_usable(stack: Callable[[], Stack]) -> None:
+    installed = stack()
+    if not (installed.is_verified or allow_unverified()):
+        raise ValueError(installed.refusal())
+
+
+def patch_platform(platform_cls: type, stack: Callable[[], Stack], backend_class_path: str, *,
+                   check: Callable[[], None] | None = None, after_config: Callable | None = None,
+                   announce: bool = True) -> bool:
+    """The whole selection patch of one platform; True where PFA can be selected on it now.
+
+    `check_and_update_config` (every process that builds a VllmConfig, the API server first) refuses a PFA
+    selection on an unverified stack without the opt-in, naming the installed and the verified stacks, then runs
+    the platform's own config path and `after_config(vllm_config, selected)`. `get_attn_backend_cls` returns PFA's
+    class for a PFA selection after the same refusal, `check()` (the device) and the backend's own validation of
+    the model. Other selections pass through untouched, on any stack. An unverified stack is said once, at INFO,
+    since nobody may have asked for PFA, and only if `announce` (the platform is this installation's concern)."""
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    installed = stack()
+    usable = installed.is_verified or allow_unverified()
+    if announce and not installed.is_verified:
+        said = (f"vllm-pfa: {installed.platform} stack {describe(installed.installed)} is not verified (verified: "
+                f"{describe_verified(installed.verified)}); ")
+        if usable:
+            log_once(logger, logging.WARNING, "%sPFA may be selected on it because %s is set.", said,
+                     ALLOW_UNVERIFIED_ENV)
+        else:
+            log_once(logger, logging.INFO, "%sselecting the PFA attention backend on it fails at start-up.", said)
+
+    def check_and_update_config(original, cls, vllm_config) -> None:
+        selected = _selected(vllm_config)
+        if is_pfa(selected):
+            _refuse_unless_usable(stack)
+        original(cls, vllm_config)
+        if after_config is not None:
+            after_config(vllm_config, selected)
+
+    def get_attn_backend_cls(original, cls, selected_backend, attn_selector_config, *args, **kwargs):
         if not is_pfa(selected_backend):
-            return original(cls, selected_backend, attn_selector_config, num_heads)
+            return original(cls, selected_backend, attn_selector_config, *args, **kwargs)
+        _refuse_unless_usable(stack)
         if check is not None:
             check()
         backend = resolve_obj_by_qualname(backend_class_path)
@@ -60,7 +116,9 @@ def patch_backend_selection(platform_cls: type, backend_class_path: str,
         if reasons:
             raise ValueError(
                 f"The PFA attention backend cannot run this model ({attn_selector_config}): {', '.join(reasons)}")
-        logger.info_once("Using the PFA attention backend (%s).", backend_class_path)
+        log_once(logger, logging.INFO, "Using the PFA attention backend (%s).", backend_class_path)
         return backend_class_path
 
-    return wrap_classmethod(platform_cls, "get_attn_backend_cls", get_attn_backend_cls)
+    wrap_classmethod(platform_cls, "check_and_update_config", check_and_update_config)
+    wrap_classmethod(platform_cls, "get_attn_backend_cls", get_attn_backend_cls)
+    return usable
