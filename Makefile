@@ -1,17 +1,22 @@
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast bench-op bench-e2e profile-backend
+.PHONY: setup setup-vllm030 demo test test-fast bench-op bench-e2e profile-backend
 
 setup:
 	@bash scripts/bootstrap.sh
 
+# vllm-ascend's paired vLLM (0.30.0) with this package installed as users install it: the Ascend contract suite's
+# second stack (tests/test_ascend_contract.py)
+setup-vllm030: setup
+	@bash scripts/bootstrap_vllm030.sh
+
 demo: setup
 	$(PY) -m vllm_pfa.demo
 
-test: setup
+test: setup setup-vllm030
 	$(PY) -m pytest -q tests
 
-test-fast: setup
+test-fast: setup setup-vllm030
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench-op: setup

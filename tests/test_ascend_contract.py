@@ -1,7 +1,13 @@
 """Runs the Ascend contract suite (tests/ascend_contract) against vllm-ascend's released source, each module in a
-process of its own (the torch_npu stand-in and vllm-ascend's registrations must not leak into this one).
+process of its own (the torch_npu stand-in and vllm-ascend's registrations must not leak into this one), on two
+stacks:
+- `vllm-0.30.0`: vllm-ascend 0.30.0rc2's paired vLLM, in .venv-vllm030 (scripts/bootstrap_vllm030.sh, run by
+  `make test`), where this package is installed as a user installs it; the stack users have.
+- `vllm-0.32.0`: this checkout's .venv (the CPU stack), which no vllm-ascend release pairs with; PFA runs there only
+  with the opt-in for unverified stacks, and one renamed config attribute is supplied (conftest.py).
 
-Skipped, with the reason, only where the pinned sdist cannot be fetched; every test inside must pass, none skip.
+Skipped, with the reason, only where the pinned sdist cannot be fetched or the paired environment was not built
+(`make test` builds it); every test inside must pass, none skip.
 """
 
 import os
@@ -15,6 +21,10 @@ import pytest
 import vllm_ascend_sdist
 
 CONTRACT = Path(__file__).parent / "ascend_contract"
+ROOT = CONTRACT.parent.parent
+PAIRED_PYTHON = ROOT / ".venv-vllm030" / "bin" / "python"
+# modules that check the paired stack as installed, not the adapter's contract: not run on the CPU stack's vLLM
+PAIRED_ONLY = {"test_startup.py"}
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +35,25 @@ def vllm_ascend_source() -> Path:
         pytest.skip(f"vllm-ascend {vllm_ascend_sdist.VERSION} sdist unavailable: {exc}")
 
 
-@pytest.mark.parametrize("module", sorted(p.name for p in CONTRACT.glob("test_*.py")))
-def test_contract(vllm_ascend_source, module):
+def _runs(stack: str, module: str) -> bool:
+    return stack == "vllm-0.30.0" or module not in PAIRED_ONLY
+
+
+@pytest.mark.parametrize("stack,module", [(stack, module) for stack in ("vllm-0.30.0", "vllm-0.32.0")
+                                          for module in sorted(p.name for p in CONTRACT.glob("test_*.py"))
+                                          if _runs(stack, module)])
+def test_contract(vllm_ascend_source, stack, module):
     env = {**os.environ, vllm_ascend_sdist.SOURCE_ENV: str(vllm_ascend_source)}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs",
-                           str(CONTRACT / module)], capture_output=True, text=True, timeout=900, env=env,
-                          cwd=CONTRACT.parent.parent)
+    command = [sys.executable, "-m", "pytest"]
+    if stack == "vllm-0.30.0":
+        if not PAIRED_PYTHON.exists():
+            pytest.skip(f"{PAIRED_PYTHON.parent.parent} not built: run `make test` (scripts/bootstrap_vllm030.sh)")
+        # -P: the installed package, not this checkout's sources; the stand-in and vllm-ascend come from the
+        # environment's .pth files.
+        command = [str(PAIRED_PYTHON), "-P", "-m", "pytest"]
+        env["VLLM_PFA_STACK_INSTALLED"] = "1"
+    proc = subprocess.run([*command, "-q", "-p", "no:cacheprovider", "-rfEs", str(CONTRACT / module)],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert re.fullmatch(r"\d+ passed in .*", summary), f"every contract test must run and pass: {summary}"

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 from vllm.distributed.parallel_state import (
-    cleanup_dist_env_and_memory,
+    destroy_distributed_environment,
+    destroy_model_parallel,
     ensure_model_parallel_initialized,
     init_distributed_environment,
 )
@@ -81,7 +82,9 @@ def single_rank_groups():
                                      distributed_init_method=f"tcp://127.0.0.1:{get_open_port()}")
         ensure_model_parallel_initialized(1, 1)
     yield
-    cleanup_dist_env_and_memory()
+    # not cleanup_dist_env_and_memory: it empties the device cache, which needs an NPU's allocator
+    destroy_model_parallel()
+    destroy_distributed_environment()
 
 
 def _attn_state(requests) -> AscendAttentionState:

@@ -3,10 +3,11 @@
 (`get_attn_backend`) with the NPU platform as the current platform."""
 
 import importlib
-import logging
+import importlib.metadata
 
 import pytest
 import torch
+import vllm
 import vllm.platforms
 from vllm.config import AttentionConfig, ModelConfig, VllmConfig, set_current_vllm_config
 from vllm.v1.attention import selector
@@ -17,6 +18,7 @@ from vllm_ascend.platform import NPUPlatform
 from conftest import vllm_030_names
 from vllm_pfa.model_builder import build_model
 from vllm_pfa_patches.platform import ascend_attn_backend_selection as patch
+from vllm_pfa_patches.versions import ALLOW_UNVERIFIED_ENV
 
 ASCEND_BACKEND = "vllm_ascend.attention.attention_v1.AscendAttentionBackend"
 
@@ -98,15 +100,36 @@ def test_devices_outside_the_spec_are_refused_at_start_up(npu_platform, monkeypa
         _selected(_npu_config("PFA"), npu_platform)
 
 
-@pytest.mark.parametrize("vllm_version,vllm_ascend_version,ok", [
-    ("0.32.0", "0.30.0rc2", True), ("0.30.0", "0.30.0rc2", True),
-    ("0.31.0", "0.30.0rc2", False), ("0.30.0", "0.23.0.post1", False),
+@pytest.mark.parametrize("vllm_version,override,vllm_ascend_version,verified", [
+    ("0.30.0", None, "0.30.0rc2", True),
+    ("0.30.0+empty", None, "0.30.0rc2", True),  # vllm-ascend's images and source install (VLLM_TARGET_DEVICE=empty)
+    ("0.30.1.dev12+g0123abc.empty", None, "0.30.0rc2", False),  # a dev build is its own release...
+    ("0.30.1.dev12+g0123abc.empty", "0.30.0", "0.30.0rc2", True),  # ...unless VLLM_VERSION says which
+    ("0.32.0", None, "0.30.0rc2", False),  # the CPU stack's vLLM: no vllm-ascend release pairs with it
+    ("0.30.0", None, "0.23.0.post1", False),
+    ("0.30.0", None, "0.30.0rc2+local", True),
 ])
-def test_version_guard(caplog, vllm_version, vllm_ascend_version, ok):
-    patch.logger.addHandler(caplog.handler)  # vLLM's logger tree does not propagate to the root logger
-    try:
-        with caplog.at_level(logging.WARNING, logger=patch.logger.name):
-            assert patch.stack_supported(vllm_version, vllm_ascend_version) is ok
-    finally:
-        patch.logger.removeHandler(caplog.handler)
-    assert (f"not patching vllm-ascend {vllm_ascend_version} with vLLM {vllm_version}" in caplog.text) is not ok
+def test_stack_is_compared_by_release_as_vllm_ascend_compares_it(monkeypatch, vllm_version, override,
+                                                                  vllm_ascend_version, verified):
+    monkeypatch.setattr(vllm, "__version__", vllm_version)
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: vllm_ascend_version if name == "vllm-ascend" else None)
+    if override:
+        monkeypatch.setenv("VLLM_VERSION", override)
+    else:
+        monkeypatch.delenv("VLLM_VERSION", raising=False)
+    assert patch.stack().is_verified is verified
+
+
+def test_unverified_stack_refuses_pfa_at_start_up_naming_the_versions(npu_platform, monkeypatch):
+    """The wrapped config path reads the stack when PFA is selected: without the opt-in, an error naming what is
+    installed and what is verified, not vllm-ascend's own backend."""
+    config, config_again = _npu_config("PFA"), _npu_config("PFA")  # built on CPU first, by the real version
+    monkeypatch.setattr(vllm, "__version__", "0.31.0")
+    monkeypatch.delenv("VLLM_VERSION", raising=False)
+    monkeypatch.delenv(ALLOW_UNVERIFIED_ENV, raising=False)
+    with pytest.raises(ValueError, match=r"not verified on this Ascend NPU stack \(vLLM 0\.31\.0, vllm-ascend "
+                                         r"0\.30\.0rc2; verified: vLLM 0\.30\.0, vllm-ascend 0\.30\.0rc2\)"):
+        NPUPlatform.check_and_update_config(config)
+    monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")
+    assert _selected(config_again, npu_platform).get_name() == "PFA"

@@ -1,0 +1,87 @@
+"""Start-up on vllm-ascend's paired stack as installed (.venv-vllm030: vLLM 0.30.0, vllm-ascend 0.30.0rc2, this
+package installed with its entry points): each case a fresh vLLM process (tests/stack_probe.py) from plugin loading,
+with vllm-ascend's own plugins, through vllm-ascend's NPU platform and the engine arguments of `vllm serve`, to the
+config a spawned engine unpickles. Only on the paired vLLM (tests/test_ascend_contract.py runs it there).
+
+vllm-ascend's `ascend_model_loader` general plugin is left out: it imports torch_npu's HCCL process group
+(`torch_npu._C`), which no stand-in provides; its other plugins (platform, KV connector, models, profiling) load and
+apply their global patches.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ON_PAIRED_VLLM
+from vllm_pfa.model_builder import build_model
+
+PROBE = Path(__file__).resolve().parent.parent / "stack_probe.py"
+PLUGINS = "pfa,ascend,ascend_kv_connector,ascend_model,ascend_service_profiling"
+ASCEND_BACKEND = "vllm_pfa.backend.ascend_attn.PFAAscendAttentionBackend"
+PFA = ("--attention-backend", "pfa")
+ENGINE = ("--dtype", "float16", "--max-model-len", "512")
+
+pytestmark = pytest.mark.skipif(not ON_PAIRED_VLLM, reason="start-up is checked on vllm-ascend's paired vLLM only")
+
+
+def probe(*args: str, env: dict[str, str] | None = None) -> tuple[dict, str]:
+    environment = {k: v for k, v in os.environ.items() if k not in ("VLLM_VERSION", "VLLM_PFA_ALLOW_UNVERIFIED")}
+    environment["VLLM_PLUGINS"] = PLUGINS
+    proc = subprocess.run([sys.executable, "-P", str(PROBE), "--model", str(build_model("tiny")), *args],
+                          capture_output=True, text=True, timeout=600, env=environment | (env or {}), cwd="/")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("reported", [None, "0.30.0+empty"], ids=["as-installed", "built-with-target-empty"])
+def test_vllm_serve_engine_arguments_select_pfa_on_the_npu_platform(reported):
+    """The issue's crash (every vLLM process down) is gone, and `--attention-backend pfa` survives vllm-ascend's
+    config path into the config the engine core unpickles."""
+    result, log = probe(*(("--report-vllm-version", reported) if reported else ()), "--", *PFA, *ENGINE)
+    assert result["plugins_loaded"] and result["platform"] == "NPUPlatform"
+    assert result["member"] == ASCEND_BACKEND and result["error"] is None
+    assert result["config_backend"] == "PFA" and result["child_backend"] == f"PFA {ASCEND_BACKEND}"
+    assert "not verified" not in log and "disabled in this process" not in log
+
+
+def test_without_pfa_vllm_ascend_keeps_its_own_backend_and_nothing_is_said():
+    result, log = probe("--", *ENGINE)
+    assert result["error"] is None and result["config_backend"] is None
+    assert "vllm-pfa" not in log
+
+
+@pytest.mark.parametrize("override,selected", [(None, False), ("0.30.0", True)], ids=["as-is", "VLLM_VERSION"])
+def test_dev_build_of_vllm(override, selected):
+    result, _ = probe("--report-vllm-version", "0.30.1.dev3+gabcdef0.empty", "--", *PFA, *ENGINE,
+                      env={"VLLM_VERSION": override} if override else None)
+    assert (result["config_backend"] == "PFA") is selected
+    if not selected:
+        assert "not verified on this Ascend NPU stack (vLLM 0.30.1.dev3, vllm-ascend 0.30.0rc2; verified: vLLM " \
+               "0.30.0, vllm-ascend 0.30.0rc2)" in result["error"]
+
+
+def test_unverified_vllm_is_refused_naming_the_versions_and_the_opt_in_overrides():
+    """A vLLM that, like 0.30, has no AttentionBackendEnum.register but is not 0.30: the member is added all the same,
+    so that the selection names what is installed and verified; with the opt-in PFA is selected, with a warning."""
+    result, log = probe("--report-vllm-version", "0.31.0", "--", *PFA, *ENGINE)
+    assert result["plugins_loaded"] and result["member"] == ASCEND_BACKEND and result["config_backend"] is None
+    assert "not verified on this Ascend NPU stack (vLLM 0.31.0, vllm-ascend 0.30.0rc2; verified: vLLM 0.30.0, " \
+           "vllm-ascend 0.30.0rc2)" in result["error"]
+    assert sum("Ascend NPU stack vLLM 0.31.0, vllm-ascend 0.30.0rc2 is not verified" in line
+               for line in log.splitlines()) == 1
+    result, log = probe("--report-vllm-version", "0.31.0", "--", *PFA, *ENGINE,
+                        env={"VLLM_PFA_ALLOW_UNVERIFIED": "1"})
+    assert result["config_backend"] == "PFA" and result["child_backend"] == f"PFA {ASCEND_BACKEND}"
+    assert "PFA may be selected on it because VLLM_PFA_ALLOW_UNVERIFIED is set" in log
+
+
+def test_pfa_where_the_cpu_platform_runs_on_an_ascend_installation_is_refused():
+    """vllm-ascend's platform plugin turned off: the CPU platform runs vLLM 0.30, which PFA on CPU is not verified on;
+    an explicit PFA selection is an error, not CPU_ATTN."""
+    result, _ = probe("--", *PFA, *ENGINE, env={"VLLM_PLUGINS": "pfa"})
+    assert result["platform"] == "CpuPlatform"
+    assert "not verified on this CPU stack (vLLM 0.30.0; verified: vLLM 0.32.0)" in result["error"]
