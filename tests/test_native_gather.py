@@ -66,3 +66,29 @@ def test_staging_buffers_are_reused_and_grow():
     bigger = staging.empty("keys", like, 4, 10, 4)
     assert bigger.shape == (4, 10, 4) and bigger.dtype == torch.bfloat16
     assert staging.empty("keys", like.float(), 1, 5, 4).dtype == torch.float32
+
+
+@pytest.mark.parametrize("block_size,dim", [(32, 64), (128, 128), (64, 64)])
+def test_amx_layout_is_read_and_written_like_vllms_writer(block_size, dim):
+    """vLLM's AMX ISA packs a head's block in VNNI pairs (keys by dimension pairs, values by token pairs): recognized
+    as a permutation through vLLM's own writer, so bf16 context prefills on AMX CPUs go through PFA too."""
+    from vllm import _custom_ops as ops
+
+    layout = cpu_kv_layout.probe("amx", torch.bfloat16, block_size, dim)
+    assert isinstance(layout, cpu_kv_layout.PermutedKVLayout)
+    heads, seq_len = 3, 2 * block_size + 7
+    num_blocks = -(-seq_len // block_size)
+    keys, values = torch.randn(2, seq_len, heads, dim).to(torch.bfloat16)
+    block_ids = torch.randperm(num_blocks + 2)[:num_blocks]
+    slots = block_ids.repeat_interleave(block_size)[:seq_len] * block_size + torch.arange(seq_len) % block_size
+    by_vllm = torch.zeros(num_blocks + 2, heads, block_size, 2 * dim, dtype=torch.bfloat16)
+    ops.cpu_attn_reshape_and_cache(keys, values, *split_kv_cache(by_vllm), slots, "amx")
+    got_keys, got_values = torch.zeros(seq_len, heads, dim, dtype=torch.bfloat16), torch.zeros(seq_len, heads, dim,
+                                                                                                 dtype=torch.bfloat16)
+    layout.gather(by_vllm, block_ids, seq_len, got_keys, got_values)
+    assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
+    ours = torch.zeros_like(by_vllm)
+    layout.write(*split_kv_cache(ours), 0, keys, values)
+    ordered = torch.zeros_like(by_vllm)
+    ops.cpu_attn_reshape_and_cache(keys, values, *split_kv_cache(ordered), torch.arange(seq_len), "amx")
+    assert torch.equal(ours, ordered)

@@ -617,15 +617,25 @@ Strides strides_of(const at::Tensor& t, const char* name) {
   return {t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// Whether oneDNN has 16-bit micro-kernels for this dtype on this CPU (AVX512-BF16, AMX): asked of the library itself,
-// once per dtype, with a tiny product (it refuses to generate a kernel where the instructions are missing).
+// Whether oneDNN has 16-bit micro-kernels for this dtype on this CPU that take B in the VNNI pairs this kernel packs
+// (AVX512-BF16 and AMX for bf16; AMX-FP16 for fp16): asked of the library itself, once per dtype, with a tiny product
+// whose result is checked. It refuses to generate a kernel where the instructions are missing, and for fp16 on a CPU
+// with AVX512-FP16 but no AMX-FP16 it generates one that reads B unpacked (a plain product, measured wrong here).
 bool input_type_products_supported(ElementType type) {
   auto probe = [](auto zero) {
+    using T = decltype(zero);
     try {
-      decltype(zero) a[2 * 16] = {}, b[2 * 16] = {};
+      T a[2] = {T(1.0f), T(2.0f)}, b[2 * 16];
+      for (int n = 0; n < 16; ++n) {  // VNNI pairs: b[2n + k] is B[k][n]; B[0][n] = n, B[1][n] = 1
+        b[2 * n] = T(static_cast<float>(n));
+        b[2 * n + 1] = T(1.0f);
+      }
       float c[16];
       at::native::cpublas::brgemm(1, 16, 2, 2, 16, 16, false, a, b, c);
       at::native::cpublas::brgemm_release();
+      for (int n = 0; n < 16; ++n) {
+        if (c[n] != static_cast<float>(n + 2)) return false;  // A B = 1 * n + 2 * 1
+      }
       return true;
     } catch (const std::exception&) {
       return false;

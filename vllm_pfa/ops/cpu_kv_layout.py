@@ -3,8 +3,10 @@
 A CPU_ATTN layer cache is `[num_blocks, num_kv_heads, block_size, 2 * head_size]`, viewed as key and value halves
 `[num_blocks, num_kv_heads, block_size, head_size]`. How a block's tokens are laid out inside depends on the ISA
 chosen by vLLM (for "vec"/"vec16" a key block is stored transposed, `[head_size, block_size]`, and a value block
-plain). Rather than trusting that, `probe` writes a pattern with `cpu_attn_reshape_and_cache` and recognizes the
-layout; for an unrecognized one (e.g. AMX) it returns None and callers use vLLM's own op or the existing path.
+plain; for "amx" both are packed in VNNI pairs, keys by pairs of dimensions, values by pairs of tokens). Rather than
+trusting that, `probe` writes patterns with `cpu_attn_reshape_and_cache` and recognizes the layout: one of the two
+plain/transposed ones (read by the native one-pass gather), or else any permutation of a head's block (read through
+its index map); for anything else it returns None and callers use vLLM's own op or the existing path.
 Both directions use the same token view: reading context back (the backend) and writing K/V (the operator's
 delegation to vLLM's kernel, where a strided torch copy is about twice as fast as the per-token op).
 """
@@ -81,27 +83,84 @@ class CpuKVLayout:
                 view[first_block + full, :rest].copy_(tokens[full * block_size:])
 
 
-@functools.cache
-def probe(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> CpuKVLayout | None:
-    """The layout `cpu_attn_reshape_and_cache` writes with this ISA, or None if unrecognized."""
+@dataclass(frozen=True)
+class PermutedKVLayout:
+    """A layout in which each head's block is some permutation of its `[block_size, head_size]` tokens (vLLM's AMX
+    VNNI packing): `key_index[t, d]` / `value_index[t, d]` is where token t's dimension d lies in the head's block."""
+
+    key_index: torch.Tensor
+    value_index: torch.Tensor
+
+    def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int, keys_out: torch.Tensor,
+               values_out: torch.Tensor) -> None:
+        for half, index, out in zip(split_kv_cache(kv_cache), (self.key_index, self.value_index),
+                                    (keys_out, values_out)):
+            blocks = half.index_select(0, block_ids).flatten(2)  # [n, heads, block * head]: only this request's
+            copy_tokens(blocks[:, :, index].transpose(1, 2), seq_len, out)
+
+    def write(self, key_cache: torch.Tensor, value_cache: torch.Tensor, first_block: int, keys: torch.Tensor,
+              values: torch.Tensor) -> None:
+        num_blocks, block_size = -(-keys.shape[0] // key_cache.shape[2]), key_cache.shape[2]
+        for half, index, tokens in ((key_cache, self.key_index, keys), (value_cache, self.value_index, values)):
+            padded = tokens.new_zeros(num_blocks * block_size, *tokens.shape[1:])
+            padded[: tokens.shape[0]] = tokens
+            packed = padded.new_empty(num_blocks, tokens.shape[1], index.numel())
+            packed[:, :, index.flatten()] = padded.unflatten(0, (num_blocks, block_size)).transpose(1, 2).flatten(2)
+            half[first_block:first_block + num_blocks] = packed.view(half[first_block:first_block + num_blocks].shape)
+
+
+def _positions(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> tuple[torch.Tensor, ...] | None:
+    """Per cache half, which (token, head, dimension) each element of a written block holds, as three `[heads,
+    block * head]` tensors; None where vLLM cannot write this layout. Three passes: each coordinate is written as a
+    small integer, exact in every float dtype (block and head sizes are at most 256)."""
     from vllm import _custom_ops as ops
 
     num_kv_heads = 2
-    kv_cache = torch.zeros(1, num_kv_heads, block_size, 2 * head_size, dtype=dtype)
-    key_cache, value_cache = split_kv_cache(kv_cache)
-    pattern = torch.arange(block_size * num_kv_heads * head_size, dtype=torch.float32) % 251
-    keys = pattern.reshape(block_size, num_kv_heads, head_size).to(dtype)
-    values = -keys
-    try:
-        ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, torch.arange(block_size), isa)
-    except RuntimeError:
+    token, head, dim = torch.meshgrid(torch.arange(block_size), torch.arange(num_kv_heads), torch.arange(head_size),
+                                      indexing="ij")
+    halves = []
+    for coordinate in (token, head, dim):
+        kv_cache = torch.zeros(1, num_kv_heads, block_size, 2 * head_size, dtype=dtype)
+        key_cache, value_cache = split_kv_cache(kv_cache)
+        written = (coordinate + 1).to(dtype)  # 0: never written
+        try:
+            ops.cpu_attn_reshape_and_cache(written, written, key_cache, value_cache, torch.arange(block_size), isa)
+        except RuntimeError:
+            return None
+        halves.append((key_cache[0].flatten(1).long() - 1, value_cache[0].flatten(1).long() - 1))
+    return tuple(zip(*halves))  # ((key token, key head, key dim), (value token, value head, value dim))
+
+
+def _permutation(token: torch.Tensor, head: torch.Tensor, dim: torch.Tensor) -> torch.Tensor | None:
+    """`index[t, d]`, the position of (t, d) in a head's block, if every head's block is the same permutation."""
+    block_size, head_size = int(token.max()) + 1, int(dim.max()) + 1
+    heads = torch.arange(head.shape[0])[:, None].expand_as(head)
+    if token.min() < 0 or not torch.equal(head, heads):
         return None
-    block_ids = torch.zeros(1, dtype=torch.long)
-    for key_transposed in (True, False):
-        for value_transposed in (False, True):
-            layout = CpuKVLayout(key_transposed, value_transposed)
-            got_keys, got_values = torch.empty_like(keys), torch.empty_like(values)
-            layout.gather(kv_cache, block_ids, block_size, got_keys, got_values)
-            if torch.equal(got_keys, keys) and torch.equal(got_values, values):
-                return layout
-    return None
+    index = torch.full((block_size * head_size,), -1, dtype=torch.long)
+    index[token[0] * head_size + dim[0]] = torch.arange(block_size * head_size)
+    if (index < 0).any() or not torch.equal(token[0], token[1]) or not torch.equal(dim[0], dim[1]):
+        return None
+    return index.view(block_size, head_size)
+
+
+@functools.cache
+def probe(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> CpuKVLayout | PermutedKVLayout | None:
+    """The layout `cpu_attn_reshape_and_cache` writes with this ISA, or None if unrecognized."""
+    positions = _positions(isa, dtype, block_size, head_size)
+    if positions is None:
+        return None
+    indices = [_permutation(*half) for half in positions]
+    if any(index is None for index in indices):
+        return None
+    plain = torch.arange(block_size * head_size).view(block_size, head_size)  # (t, d) at t * head + d
+    transposed = torch.arange(head_size)[None, :] * block_size + torch.arange(block_size)[:, None]  # at d * block + t
+    flags = []
+    for index in indices:
+        if torch.equal(index, plain):
+            flags.append(False)
+        elif torch.equal(index, transposed):
+            flags.append(True)
+        else:
+            return PermutedKVLayout(*indices)
+    return CpuKVLayout(*flags)
