@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
-from vllm.v1.attention.backend import AttentionType
+from vllm.config import CacheConfig, CompilationConfig, ModelConfig, VllmConfig, set_current_vllm_config
+from vllm.engine.arg_utils import EngineArgs
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionMetadata
 from vllm.v1.kv_cache_interface import EncoderOnlyAttentionSpec, FullAttentionSpec
 
@@ -45,14 +46,19 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
 @functools.cache
-def _config(dtype: torch.dtype, block_size: int) -> VllmConfig:
+def _config(dtype: torch.dtype, block_size: int, speculative_tokens: int = 0) -> VllmConfig:
+    if speculative_tokens:  # through vLLM's engine arguments, as `--speculative-config` builds it
+        return EngineArgs(model=str(build_model("tiny")), dtype=dtype, block_size=block_size,
+                          speculative_config=dict(method="ngram", num_speculative_tokens=speculative_tokens,
+                                                  prompt_lookup_max=4, prompt_lookup_min=2)).create_engine_config()
     return VllmConfig(model_config=ModelConfig(model=str(build_model("tiny")), dtype=dtype),
                       cache_config=CacheConfig(block_size=block_size))
 
 
-def _run(backend, spec, *, block_size, dtype, causal=True, window=None, attn_type=AttentionType.DECODER):
+def _run(backend, spec, *, block_size, dtype, causal=True, window=None, attn_type=AttentionType.DECODER,
+         speculative_tokens=0):
     seq_lens, query_lens = spec
-    config = _config(dtype, block_size)
+    config = _config(dtype, block_size, speculative_tokens)
     spec_cls = EncoderOnlyAttentionSpec if attn_type == AttentionType.ENCODER_ONLY else FullAttentionSpec
     kv_cache_spec = spec_cls(block_size=block_size, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype=dtype)
     with set_current_vllm_config(config):
@@ -91,10 +97,11 @@ def _sdpa_reference(batch, spec, *, causal, window):
     return torch.cat(outputs)
 
 
-def _check(spec, *, dtype, block_size=32, causal=True, window=None, attn_type=AttentionType.DECODER):
+def _check(spec, *, dtype, block_size=32, causal=True, window=None, attn_type=AttentionType.DECODER,
+           speculative_tokens=0):
     STATS.reset()
     actual, batch, metadata = _run(PFAAttentionBackend, spec, block_size=block_size, dtype=dtype, causal=causal,
-                                   window=window, attn_type=attn_type)
+                                   window=window, attn_type=attn_type, speculative_tokens=speculative_tokens)
     stats = STATS.snapshot()
     tolerance = TOLERANCE[dtype]
     reference = _sdpa_reference(batch, spec, causal=causal, window=window)
@@ -143,6 +150,39 @@ def test_encoder_only_layers(name, dtype, window):
     metadata, stats = _check(spec, dtype=dtype, causal=False, window=window, attn_type=AttentionType.ENCODER_ONLY)
     assert metadata.existing_path is None and stats["prefill_tokens"] == sum(spec[1])
     assert stats["context_tokens"] == 0 and stats["decode_tokens"] == 0
+
+
+# (seq_lens, query_lens) under ngram speculation with k = 4: verification rows have 1 + k query tokens (fewer when
+# the proposer had fewer drafts), decodes first
+SPECULATIVE_SPECS = {
+    "verification_only": ([40, 64, 300], [5, 5, 5]),
+    "verification_and_prefills": ([40, 64, 300, 200, 90], [5, 3, 5, 120, 90]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(SPECULATIVE_SPECS))
+def test_speculative_verification_rows_are_decodes(name, dtype):
+    """vLLM's convention (`_init_reorder_batch_threshold(1, supports_spec_as_decode=True)`): rows of up to 1 + k query
+    tokens are decodes, on CPU_ATTN's kernel; PFA takes only the real prefills."""
+    spec = SPECULATIVE_SPECS[name]
+    metadata, stats = _check(spec, dtype=dtype, speculative_tokens=4)
+    decode_rows = [q for q in spec[1] if q <= 5]
+    assert metadata.num_existing_path_tokens == sum(decode_rows)
+    assert stats["decode_tokens"] == sum(decode_rows) and stats["prefill_tokens"] == sum(spec[1]) - sum(decode_rows)
+    assert (metadata.prefill is None) is (name == "verification_only")
+
+
+def test_builders_never_offer_full_graphs_over_pfa_work():
+    """The CPU builder declares NEVER (as CPU_ATTN's); vLLM's resolution then refuses any FULL cudagraph mode for
+    it rather than capture a mixed batch with PFA's host-side plan."""
+    config = _config(torch.float32, 32)
+    spec = FullAttentionSpec(block_size=32, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype=torch.float32)
+    support = PFAAttentionBackend.get_builder_cls().get_cudagraph_support(config, spec)
+    assert support == AttentionCGSupport.NEVER
+    compilation = CompilationConfig(cudagraph_mode="FULL")
+    with pytest.raises(ValueError, match="CUDAGraphMode.FULL is not supported with PFA"):
+        compilation.resolve_cudagraph_mode_and_sizes(support, "PFA")
 
 
 def test_metadata_follows_cpu_attn_conventions():

@@ -6,6 +6,7 @@ its own `reshape_and_cache`. Outputs are compared with an independent fp64 refer
 q/k/v; the torch_npu stand-in's recorded calls show which rows took which path, and with which PFA arguments.
 """
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -18,14 +19,24 @@ from vllm.distributed.parallel_state import (
     init_distributed_environment,
 )
 from vllm.utils.network_utils import get_open_port
-from vllm.config import AttentionConfig, ModelConfig, SchedulerConfig, VllmConfig, set_current_vllm_config
+from vllm.config import (
+    AttentionConfig,
+    CompilationConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+    VllmConfig,
+    set_current_vllm_config,
+)
+from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 from vllm_ascend.ascend_forward_context import set_ascend_forward_context
 from vllm_ascend.attention.attention_v1 import AscendAttentionState
 from vllm_ascend.attention.utils import AscendCommonAttentionMetadata
 
 from conftest import vllm_030_names
-from vllm_pfa.backend.ascend_attn import PFAAscendAttentionBackend, PFAAscendMetadata
+from vllm_pfa.backend.ascend_attn import PFAAscendAttentionBackend, PFAAscendMetadata, PFAAscendMetadataBuilder
 from vllm_pfa.model_builder import build_model
 from vllm_pfa.ops import api
 
@@ -40,6 +51,12 @@ BATCHES = {
     "fresh_prefills": [(100, 100), (37, 37), (260, 260)],
     "prefills_with_context": [(60, 300), (128, 512), (5, 133)],
     "mixed": [(1, 200), (1, 45), (70, 70), (33, 290), (130, 400)],
+}
+# Under ngram speculation with k = 4 (vllm-ascend's decode_threshold 1 + k): verification rows of up to 5 tokens
+SPECULATIVE_TOKENS = 4
+SPECULATIVE_BATCHES = {
+    "verification_only": [(5, 300), (5, 129), (3, 17)],
+    "verification_and_prefills": [(5, 200), (2, 45), (70, 70), (33, 290), (130, 400)],
 }
 
 
@@ -60,16 +77,25 @@ class Case:
     num_kv_heads: int = 2
     sliding_window: int | None = None
     spec_block_size: int = KERNEL_BLOCK
+    speculative_tokens: int = 0
 
     @property
     def num_decodes(self) -> int:
-        return sum(1 for q, _ in self.requests if q == 1)
+        return sum(1 for q, _ in self.requests if q <= 1 + self.speculative_tokens)
+
+    @property
+    def decode_requests(self) -> list[tuple[int, int]]:
+        return self.requests[: self.num_decodes]
 
 
 def _vllm_config(case: Case) -> VllmConfig:
     model_config = ModelConfig(model=str(build_model("tiny")), dtype=case.dtype, max_model_len=4096)
+    speculative = SpeculativeConfig(
+        method="ngram", num_speculative_tokens=case.speculative_tokens, prompt_lookup_max=4, prompt_lookup_min=2,
+        target_model_config=model_config, target_parallel_config=ParallelConfig()) if case.speculative_tokens else None
     config = VllmConfig(model_config=model_config, attention_config=AttentionConfig(backend="PFA"),
-                        scheduler_config=SchedulerConfig(max_model_len=4096, is_encoder_decoder=False))
+                        scheduler_config=SchedulerConfig(max_model_len=4096, is_encoder_decoder=False),
+                        speculative_config=speculative)
     vllm_030_names(config)
     return config
 
@@ -87,8 +113,10 @@ def single_rank_groups():
     destroy_distributed_environment()
 
 
-def _attn_state(requests) -> AscendAttentionState:
-    """As vllm-ascend's model runner (`_build_attn_state`, chunked prefill on) classifies a step."""
+def _attn_state(case: "Case") -> AscendAttentionState:
+    """As vllm-ascend's model runner (`_build_attn_state`, chunked prefill on) classifies a step; a verification-only
+    step under ngram speculation is ChunkedPrefill there too (SpecDecoding is kept for MTP only)."""
+    requests = case.requests
     if all(q == s for q, s in requests):
         return AscendAttentionState.PrefillNoCache
     if all(q == 1 for q, _ in requests):
@@ -129,7 +157,7 @@ def _batch(case: Case, seed: int = 0):
         seq_lens_cpu=seq_lens.clone(), num_computed_tokens_cpu=seq_lens - torch.tensor(query_lens, dtype=torch.int32),
         num_reqs=len(case.requests), num_actual_tokens=sum(query_lens), max_query_len=max(query_lens),
         max_seq_len=int(seq_lens.max()), block_table_tensor=block_table, slot_mapping=torch.cat(new_slots),
-        causal=True, actual_seq_lengths_q=query_start_loc[1:].tolist(), attn_state=_attn_state(case.requests),
+        causal=True, actual_seq_lengths_q=query_start_loc[1:].tolist(), attn_state=_attn_state(case),
         positions=torch.cat([torch.arange(s - q, s) for q, s in case.requests]))
     new = lambda tokens: torch.cat([t[s - q:] for t, (q, s) in zip(tokens, case.requests)])  # noqa: E731
     return torch.cat(queries), new(keys), new(values), kv_cache, metadata, queries, keys, values
@@ -211,7 +239,7 @@ def _check_decode_path(case: Case, calls) -> None:
         assert not decode_calls
         return
     (call,) = decode_calls
-    assert call.kwargs["num_tokens"] == case.num_decodes
+    assert call.kwargs["num_tokens"] == sum(q for q, _ in case.decode_requests)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -227,6 +255,43 @@ def test_batches_match_reference_with_decode_on_vllm_ascend_and_prefill_on_pfa(m
     else:
         _check_pfa_arguments(case, calls)
     assert not any(c.name == "npu_fusion_attention" for c in calls)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch", list(SPECULATIVE_BATCHES))
+def test_speculative_verification_rows_stay_on_vllm_ascend(monkeypatch, calls, batch, dtype):
+    """Under a speculative config vllm-ascend's builder counts rows of up to 1 + k query tokens as decodes: they stay
+    on its path (FIA in TND, not paged attention, as vllm-ascend does with a speculative config), with the per-row
+    lengths vllm-ascend uses (cumulative query ends, per-request kv lengths); PFA gets the real prefills only."""
+    case = Case(SPECULATIVE_BATCHES[batch], dtype=dtype, speculative_tokens=SPECULATIVE_TOKENS)
+    output, expected, metadata = _run(case, monkeypatch)
+    _assert_close(case, output, expected)
+    assert not [c for c in calls if c.name == "_npu_paged_attention"]
+    (fia,) = [c for c in calls if c.name == "npu_fused_infer_attention_score"]
+    assert fia.kwargs["paged"] and fia.kwargs["sparse_mode"] == 3
+    assert fia.kwargs["query_lens"] == list(itertools.accumulate(q for q, _ in case.decode_requests))
+    assert fia.kwargs["kv_lens"] == [s for _, s in case.decode_requests]
+    if batch == "verification_only":
+        assert metadata.pfa_prefill is None and not _pfa_calls(calls)
+    else:
+        _check_pfa_arguments(case, calls)
+
+
+def test_graph_capture_is_declared_truthfully():
+    """vllm-ascend's builder answers ALWAYS (a mixed prefill batch may be captured in a full graph, freezing PFA's
+    host-side plan); PFA's answers UNIFORM_BATCH, and vLLM's own resolution of a FULL request then keeps full graphs
+    for uniform decode batches only, mixed batches running without one."""
+    case = Case(BATCHES["mixed"])
+    config = _vllm_config(case)
+    spec = FullAttentionSpec(block_size=KERNEL_BLOCK, num_kv_heads=case.num_kv_heads, head_size=HEAD_SIZE,
+                             dtype=case.dtype)
+    vllm_ascend_support = PFAAscendMetadataBuilder.__mro__[1].get_cudagraph_support(config, spec)
+    support = PFAAscendMetadataBuilder.get_cudagraph_support(config, spec)
+    assert vllm_ascend_support == AttentionCGSupport.ALWAYS and support == AttentionCGSupport.UNIFORM_BATCH
+    for requested in ("FULL", "FULL_AND_PIECEWISE"):
+        resolved = CompilationConfig(cudagraph_mode=requested).resolve_cudagraph_mode_and_sizes(
+            min_cg_support=support, min_cg_attn_backend="PFAAscendAttentionBackend")
+        assert resolved.mixed_mode() != resolved.FULL and resolved.decode_mode() == resolved.FULL, resolved
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 8), (8, 1), (6, 2)], ids=["mha", "mqa", "gqa3"])

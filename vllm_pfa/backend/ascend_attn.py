@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import vllm.envs as envs
-from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm_ascend.attention.attention_v1 import (
     AscendAttentionBackend,
     AscendAttentionBackendImpl,
@@ -37,6 +37,14 @@ class PFAAscendMetadata(AscendMetadata):
 
 class PFAAscendMetadataBuilder(AscendAttentionMetadataBuilder):
     metadata_cls = PFAAscendMetadata
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        """At most UNIFORM_BATCH: vllm-ascend answers ALWAYS, which would let vLLM capture mixed prefill batches in
+        a full graph and freeze PFA's host-side plan (per-request lengths, packing) into it. Uniform batches are
+        decode-only (1 or 1 + k query tokens per request), which keep vllm-ascend's full-graph decode."""
+        inherited = super().get_cudagraph_support(vllm_config, kv_cache_spec)
+        return min(inherited, AttentionCGSupport.UNIFORM_BATCH, key=lambda support: support.value)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

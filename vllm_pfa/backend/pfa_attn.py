@@ -13,7 +13,12 @@ import torch
 from torch.profiler import record_function
 
 from vllm.config import VllmConfig
-from vllm.v1.attention.backend import AttentionLayer, AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backend import (
+    AttentionCGSupport,
+    AttentionLayer,
+    AttentionType,
+    CommonAttentionMetadata,
+)
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -95,12 +100,16 @@ OWN_CALL_MIN_QUERY_BYTES = 1 << 20
 
 
 class PFAMetadataBuilder(CPUAttentionMetadataBuilder):
-    # Decodes first: then the existing path gets a contiguous head of the batch and PFA the tail.
-    reorder_batch_threshold: int = 1
+    # CPU_ATTN's kernel runs any row, so vLLM may capture nothing of PFA's host-side plan in a graph (and on CPU
+    # captures none): declared, not inherited, since the prefill plan depends on it.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # Decodes first (the existing path gets a contiguous head of the batch, PFA the tail); a speculative
+        # verification row (1 + k query tokens) is a decode, on CPU_ATTN's kernel, as in vLLM's own builders.
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
         query_row_bytes = self.num_heads * self.head_dim * self.dtype.itemsize
         self.own_call_min_tokens = -(-OWN_CALL_MIN_QUERY_BYTES // query_row_bytes)
         self.cache_layout = cpu_kv_layout.probe(self.isa, self.dtype, self.block_size, self.head_dim)
