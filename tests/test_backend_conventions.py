@@ -56,7 +56,7 @@ def _config(dtype: torch.dtype, block_size: int, speculative_tokens: int = 0) ->
 
 
 def _run(backend, spec, *, block_size, dtype, causal=True, window=None, attn_type=AttentionType.DECODER,
-         speculative_tokens=0):
+         speculative_tokens=0, shared_kv=False):
     seq_lens, query_lens = spec
     config = _config(dtype, block_size, speculative_tokens)
     spec_cls = EncoderOnlyAttentionSpec if attn_type == AttentionType.ENCODER_ONLY else FullAttentionSpec
@@ -74,7 +74,10 @@ def _run(backend, spec, *, block_size, dtype, causal=True, window=None, attn_typ
     assert not backend.forward_includes_kv_cache_update
     impl.do_kv_cache_update(layer, batch.key, batch.value, batch.kv_cache, metadata.slot_mapping)
     output = torch.full_like(batch.query, float("nan"))
-    impl.forward(layer, batch.query, batch.key, batch.value, batch.kv_cache, metadata, output=output)
+    # shared_kv: a layer that reuses another layer's K/V (Gemma-3n, Gemma-4) gets none of its own; the update above
+    # stands for the target layer's write of the new tokens
+    key, value = (None, None) if shared_kv else (batch.key, batch.value)
+    impl.forward(layer, batch.query, key, value, batch.kv_cache, metadata, output=output)
     return output, batch, metadata
 
 
@@ -183,6 +186,21 @@ def test_builders_never_offer_full_graphs_over_pfa_work():
     compilation = CompilationConfig(cudagraph_mode="FULL")
     with pytest.raises(ValueError, match="CUDAGraphMode.FULL is not supported with PFA"):
         compilation.resolve_cudagraph_mode_and_sizes(support, "PFA")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["mixed_medium", "fresh_prefills", "single_prefill", "small_decode"])
+def test_kv_sharing_layers_read_their_tokens_from_the_cache(name, dtype):
+    """`attn(q, None, None)`: prefill rows read every token of their sequence from the shared cache (PFA), decode
+    rows go to CPU_ATTN as usual; the same result as the layer computing with its own K/V, and as CPU_ATTN's."""
+    spec = BATCH_SPECS[name]
+    STATS.reset()
+    shared, _, _ = _run(PFAAttentionBackend, spec, block_size=32, dtype=dtype, shared_kv=True)
+    assert STATS.context_tokens == sum(s for s, q in zip(*spec) if q > 1)
+    own, _, _ = _run(PFAAttentionBackend, spec, block_size=32, dtype=dtype)
+    assert torch.equal(shared, own)
+    cpu_attn, _, _ = _run(CPUAttentionBackend, spec, block_size=32, dtype=dtype, shared_kv=True)
+    torch.testing.assert_close(shared, cpu_attn, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
 def test_metadata_follows_cpu_attn_conventions():

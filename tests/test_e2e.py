@@ -1,6 +1,7 @@
 """End to end with real vLLM: offline LLM, a `vllm serve` process queried with the openai client, and
 `vllm bench throughput`, each on the embedded tiny model, PFA against the default CPU_ATTN backend."""
 
+import json
 import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,33 @@ def test_offline_prefill_went_through_pfa(offline):
     assert stats["context_tokens"] > 0  # chunked prefill and prefix-cache hits read cached context
     assert stats["decode_tokens"] > 0 and stats["existing_path_prefill_tokens"] == 0
     assert offline["CPU_ATTN"]["stats"]["prefill_calls"] == 0
+
+
+def test_speculative_decoding_verification_rows_stay_off_pfa(tmp_path):
+    """n-gram speculation: the same greedy tokens as CPU_ATTN; every verification row (1 + k query tokens) went to
+    CPU_ATTN's kernel, so PFA computed exactly the prompts' tokens once per layer and nothing more."""
+    runs = {backend: generate(tmp_path, backend, "--speculative", "--run", "speculative")
+            for backend in ("PFA", "CPU_ATTN")}
+    pfa, default = runs["PFA"]["speculative"], runs["CPU_ATTN"]["speculative"]
+    assert pfa["tokens"] == default["tokens"]
+    assert pfa["draft_tokens"] > 0, "the proposer drafted nothing: no verification step ran"
+    layers = json.loads((build_model("tiny") / "config.json").read_text())["num_hidden_layers"]
+    stats = runs["PFA"]["stats"]
+    assert stats["prefill_tokens"] == layers * pfa["prompt_tokens"]
+    # every token after a request's first came out of a row on the existing path
+    assert stats["decode_tokens"] >= layers * sum(len(t) - 1 for t in pfa["tokens"])
+
+
+def test_kv_sharing_model_matches_default_backend(tmp_path):
+    """Gemma-3n (built locally, random weights) whose last 2 of 4 layers reuse earlier layers' K/V
+    (`attn(q, None, None)`): the same greedy tokens as CPU_ATTN on every scenario; the sharing layers' prefills went
+    through PFA, reading every token of their sequences from the shared cache."""
+    runs = {backend: generate(tmp_path, backend, "--model", "gemma3n_kv_shared") for backend in ("PFA", "CPU_ATTN")}
+    assert runs["PFA"]["tokens"] == runs["CPU_ATTN"]["tokens"]
+    stats = runs["PFA"]["stats"]
+    per_layer = stats["prefill_tokens"] // 4
+    assert stats["prefill_tokens"] == 4 * per_layer > 0 and stats["existing_path_prefill_tokens"] == 0
+    assert stats["context_tokens"] >= 2 * per_layer  # each sharing layer reads at least its new tokens back
 
 
 def test_serve_with_openai_client(offline, tmp_path):

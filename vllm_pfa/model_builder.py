@@ -40,6 +40,8 @@ class ModelSpec:
     seed: int = 0
     attention_head_dim: int | None = None  # None: hidden_size // num_attention_heads
     encoder_only: bool = False  # True: a BERT embedding model (bidirectional, no KV cache, MHA), not a Llama
+    # > 0: a Gemma-3n text model whose last `kv_shared_layers` layers reuse earlier layers' K/V (KV sharing)
+    kv_shared_layers: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -62,6 +64,11 @@ SPECS = {
     "bert_encoder": ModelSpec("bert_encoder", hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
                               num_hidden_layers=2, intermediate_size=512, max_position_embeddings=512,
                               init_std=0.02, encoder_only=True),
+    # KV sharing (`attn(q, None, None)` in vLLM's gemma3n.py): Gemma-3n text, 4 layers (sliding, full, sliding,
+    # full), the last 2 reading the K/V of the first 2 of their kind.
+    "gemma3n_kv_shared": ModelSpec("gemma3n_kv_shared", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                   num_hidden_layers=4, intermediate_size=512, max_position_embeddings=4096,
+                                   init_std=0.02, kv_shared_layers=2),
 }
 
 
@@ -106,9 +113,28 @@ def _write_encoder_model(spec: ModelSpec, out_dir: Path) -> None:
     BertModel(config).save_pretrained(out_dir, safe_serialization=True)  # transformers' init from the seed
 
 
+def _write_kv_shared_model(spec: ModelSpec, out_dir: Path) -> None:
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    config = Gemma3nTextConfig(
+        vocab_size=spec.vocab_size, vocab_size_per_layer_input=spec.vocab_size, hidden_size=spec.hidden_size,
+        hidden_size_per_layer_input=32, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim,
+        layer_types=["sliding_attention", "full_attention"] * (spec.num_hidden_layers // 2), sliding_window=64,
+        num_kv_shared_layers=spec.kv_shared_layers, activation_sparsity_pattern=[0.0] * spec.num_hidden_layers,
+        laurel_rank=8, max_position_embeddings=spec.max_position_embeddings, initializer_range=spec.init_std,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype="float32",
+    )
+    torch.manual_seed(spec.seed)
+    Gemma3nForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)  # transformers' init from the seed
+
+
 def _write_model(spec: ModelSpec, out_dir: Path) -> None:
     if spec.encoder_only:
         return _write_encoder_model(spec, out_dir)
+    if spec.kv_shared_layers:
+        return _write_kv_shared_model(spec, out_dir)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(

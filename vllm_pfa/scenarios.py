@@ -21,10 +21,15 @@ MAX_MODEL_LEN = 4096
 MAX_NUM_BATCHED_TOKENS = 512  # forces chunked prefill of every prompt longer than this
 
 
-def engine_kwargs(model: str, backend: str, dtype: str = "float32") -> dict:
+# n-gram speculation (prompt lookup), as users turn it on: each verification step runs 1 + k query tokens per request
+SPECULATIVE_CONFIG = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+
+
+def engine_kwargs(model: str, backend: str, dtype: str = "float32", speculative: bool = False) -> dict:
     return dict(model=model, dtype=dtype, attention_config={"backend": backend}, gpu_memory_utilization=0.3,
                 max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, max_num_seqs=16,
-                enforce_eager=True, seed=0)
+                enforce_eager=True, seed=0, speculative_config=SPECULATIVE_CONFIG if speculative else None,
+                disable_log_stats=not speculative)  # run_speculative reads the engine's speculation counters
 
 
 def _tokens(rng: random.Random, n: int) -> list[int]:
@@ -127,8 +132,25 @@ def run_prompt_logprobs(llm: LLM) -> list[float]:
     return [position[token].logprob for token, position in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:])]
 
 
+def speculative_prompts(seed: int = 2, repeats: tuple[int, ...] = (12, 30, 45, 60)) -> list[list[int]]:
+    """Prompts that n-gram lookup drafts from: a different line of 8 tokens repeated, per prompt (no prefix shared)."""
+    rng = random.Random(seed)
+    return [_tokens(rng, 8) * count for count in repeats]
+
+
+def run_speculative(llm: LLM, max_tokens: int = 48) -> dict:
+    """Greedy tokens of the speculative prompts, and what speculation did (vLLM's own counters)."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    all_prompts = speculative_prompts()
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in all_prompts], params, use_tqdm=False)
+    metrics = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
+    return {"tokens": [list(out.outputs[0].token_ids) for out in outputs],
+            "prompt_tokens": sum(len(p) for p in all_prompts),
+            "draft_tokens": metrics.get("vllm:spec_decode_num_draft_tokens", 0)}
+
+
 # What tests/e2e/generate.py can run, by name; each result is JSON-serializable.
-RUNS = {"tokens": run_all, "chat": run_chat, "prompt_logprobs": run_prompt_logprobs}
+RUNS = {"tokens": run_all, "chat": run_chat, "prompt_logprobs": run_prompt_logprobs, "speculative": run_speculative}
 
 
 # Inputs of the encoder-only (embedding) end-to-end tests: from one token to most of BERT's 512 positions, embedded

@@ -78,6 +78,7 @@ class Case:
     sliding_window: int | None = None
     spec_block_size: int = KERNEL_BLOCK
     speculative_tokens: int = 0
+    shared_kv: bool = False  # a layer reusing another layer's K/V (Gemma-3n, Gemma-4): `attn(q, None, None)`
 
     @property
     def num_decodes(self) -> int:
@@ -186,6 +187,12 @@ def _run(case: Case, monkeypatch=None, force_npu_branch: bool = True):
     spec = spec_cls(block_size=case.spec_block_size, num_kv_heads=case.num_kv_heads, head_size=HEAD_SIZE,
                     dtype=case.dtype, **({"sliding_window": case.sliding_window} if case.sliding_window else {}))
     query, key, value, kv_cache, common, queries, keys, values = _batch(case)
+    target_layer = None
+    if case.shared_kv:  # the target layer has written the new tokens too; this layer gets no K/V of its own
+        for half, tokens in ((0, key), (1, value)):
+            kv_cache[half].view(-1, case.num_kv_heads, HEAD_SIZE)[common.slot_mapping.long()] = tokens
+        key = value = None
+        target_layer = "model.layers.0.self_attn.attn"
     if force_npu_branch:  # the operator's NPU branch: PFA calls reach the torch_npu stand-in (recorded)
         monkeypatch.setattr(api, "runs_on_npu", lambda tensor: True)
     with set_current_vllm_config(config):
@@ -194,7 +201,8 @@ def _run(case: Case, monkeypatch=None, force_npu_branch: bool = True):
         impl = PFAAscendAttentionBackend.get_impl_cls()(
             num_heads=case.num_heads, head_size=HEAD_SIZE, scale=1 / math.sqrt(HEAD_SIZE),
             num_kv_heads=case.num_kv_heads, alibi_slopes=None, sliding_window=case.sliding_window,
-            kv_cache_dtype="auto", logits_soft_cap=None, attn_type="decoder", kv_sharing_target_layer_name=None)
+            kv_cache_dtype="auto", logits_soft_cap=None, attn_type="decoder",
+            kv_sharing_target_layer_name=target_layer)
         output = torch.full_like(query, float("nan"))
         with set_ascend_forward_context(metadata, config, num_tokens=query.shape[0]):
             impl.forward(Layer(), query, key, value, kv_cache, metadata, output)
@@ -292,6 +300,18 @@ def test_graph_capture_is_declared_truthfully():
         resolved = CompilationConfig(cudagraph_mode=requested).resolve_cudagraph_mode_and_sizes(
             min_cg_support=support, min_cg_attn_backend="PFAAscendAttentionBackend")
         assert resolved.mixed_mode() != resolved.FULL and resolved.decode_mode() == resolved.FULL, resolved
+
+
+@pytest.mark.parametrize("batch", ["mixed", "fresh_prefills", "prefills_with_context"])
+def test_kv_sharing_layer_reads_its_tokens_from_the_shared_cache(monkeypatch, calls, batch):
+    """A KV-sharing layer (no K/V of its own, vllm-ascend writes nothing for it): PFA reads every token of each
+    prefill's sequence from the shared cache, decodes stay on vllm-ascend's path; against the reference."""
+    case = Case(BATCHES[batch], shared_kv=True)
+    output, expected, _ = _run(case, monkeypatch)
+    _assert_close(case, output, expected)
+    _check_decode_path(case, calls)
+    _check_pfa_arguments(case, calls)
+    assert not [c for c in calls if c.name == "npu_scatter_pa_kv_cache"]
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 8), (8, 1), (6, 2)], ids=["mha", "mqa", "gqa3"])

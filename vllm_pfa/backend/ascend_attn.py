@@ -26,7 +26,7 @@ from vllm_ascend.attention.attention_v1 import (
 )
 
 from vllm_pfa.backend import ascend_kv
-from vllm_pfa.backend.prefill import PFAPrefillPlan, mask_arguments, plan_prefill, run_prefill
+from vllm_pfa.backend.prefill import PFAPrefillPlan, leading_rows, mask_arguments, plan_prefill, run_prefill
 from vllm_pfa.backend.stats import STATS
 
 
@@ -100,8 +100,8 @@ class PFAAscendAttentionImpl(AscendAttentionBackendImpl):
             return super().forward_impl(query, key, value, kv_cache, attn_metadata, output)
         split = plan.token_start
         if split:
-            super().forward_impl(query[:split], key[:split], value[:split], kv_cache, _decode_rows(attn_metadata),
-                                 output[:split])
+            super().forward_impl(query[:split], leading_rows(key, split), leading_rows(value, split), kv_cache,
+                                 _decode_rows(attn_metadata), output[:split])
             STATS.decode_tokens += split
         self._run_pfa(query, key, value, attn_metadata, output)
         return output

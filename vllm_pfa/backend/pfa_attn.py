@@ -12,7 +12,8 @@ from typing import ClassVar
 import torch
 from torch.profiler import record_function
 
-from vllm.config import VllmConfig
+from vllm.config import VllmConfig, get_layers_from_vllm_config
+from vllm.model_executor.layers.attention import Attention
 from vllm.v1.attention.backend import (
     AttentionCGSupport,
     AttentionLayer,
@@ -28,7 +29,14 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from vllm_pfa.backend.prefill import PFAPrefillPlan, has_cached_context, mask_arguments, plan_prefill, run_prefill
+from vllm_pfa.backend.prefill import (
+    PFAPrefillPlan,
+    has_cached_context,
+    leading_rows,
+    mask_arguments,
+    plan_prefill,
+    run_prefill,
+)
 from vllm_pfa.backend.stats import STATS
 from vllm_pfa.log import init_logger
 from vllm_pfa.ops import cpu_kv_layout
@@ -113,6 +121,11 @@ class PFAMetadataBuilder(CPUAttentionMetadataBuilder):
         query_row_bytes = self.num_heads * self.head_dim * self.dtype.itemsize
         self.own_call_min_tokens = -(-OWN_CALL_MIN_QUERY_BYTES // query_row_bytes)
         self.cache_layout = cpu_kv_layout.probe(self.isa, self.dtype, self.block_size, self.head_dim)
+        # Layers that share another layer's K/V (vLLM puts them in their target's group) read every prefill token
+        # back from the cache.
+        self.has_kv_sharing_layers = any(
+            layer.kv_sharing_target_layer_name is not None
+            for layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).values())
         if self.cache_layout is None:
             logger.warning_once(
                 "PFA: the CPU KV cache layout of ISA %r is not one the context gather reads; prefills with cached "
@@ -135,7 +148,7 @@ class PFAMetadataBuilder(CPUAttentionMetadataBuilder):
         with_context = num_prefills and has_cached_context(num_decodes, cm.num_reqs, query_start, seq_lens_host)
         if with_context and self.is_encoder_only_attention:
             raise ValueError("encoder-only attention has no KV cache to read context from")
-        if with_context and self.cache_layout is None:
+        if self.cache_layout is None and (with_context or (num_prefills and self.has_kv_sharing_layers)):
             STATS.existing_path_prefill_tokens += num_prefill_tokens
             num_decodes, num_decode_tokens, num_prefills = cm.num_reqs, cm.num_actual_tokens, 0
         existing_path = None
@@ -184,9 +197,9 @@ class PFAAttentionImpl(CPUAttentionBackendImpl):
             return output
         split = attn_metadata.num_existing_path_tokens
         if attn_metadata.existing_path is not None:
-            with record_function("pfa_backend.existing_path"):
-                super().forward(layer, query[:split], key[:split], value[:split], kv_cache,
-                                attn_metadata.existing_path, output[:split])
+            with record_function("pfa_backend.existing_path"):  # CPU_ATTN's decoder path reads K/V from the cache
+                super().forward(layer, query[:split], leading_rows(key, split), leading_rows(value, split),
+                                kv_cache, attn_metadata.existing_path, output[:split])
             STATS.decode_tokens += split
         if attn_metadata.prefill is not None:
             run_prefill(query, key, value, kv_cache, attn_metadata.prefill, output, num_heads=self.num_heads,

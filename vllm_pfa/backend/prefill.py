@@ -34,7 +34,9 @@ class PFACall:
     query_lens: list[int]  # actual_seq_lengths
     seq_lens: list[int]  # actual_seq_lengths_kv: context + new tokens
     query_starts: list[int]  # per request, relative to the plan's token_start
-    context_block_ids: list[torch.Tensor | None]  # per request: blocks of its cached context, None if fresh
+    # per request: its block-table entries covering the whole sequence (the gather reads the blocks it needs: the
+    # cached context, or every token for a layer that shares another layer's K/V)
+    block_ids: list[torch.Tensor]
 
     @property
     def num_requests(self) -> int:
@@ -50,7 +52,7 @@ class PFACall:
 
     @property
     def has_context(self) -> bool:
-        return any(ids is not None for ids in self.context_block_ids)
+        return any(seq_len > query_len for seq_len, query_len in zip(self.seq_lens, self.query_lens))
 
 
 @dataclass
@@ -61,7 +63,14 @@ class PFAPrefillPlan:
     num_tokens: int
     calls: list[PFACall]
     atten_mask: torch.Tensor  # the cached compressed causal mask
-    gather: KVGather | None  # reads K/V back from this group's cache (None: layout not readable)
+    # reads K/V back from this group's cache (None: layout not readable; the builder then plans no prefill that
+    # reads the cache)
+    gather: KVGather | None
+
+
+def leading_rows(tokens: torch.Tensor | None, count: int) -> torch.Tensor | None:
+    """The first `count` rows; None stays None (a layer sharing another layer's K/V gets none of its own)."""
+    return None if tokens is None else tokens[:count]
 
 
 def has_cached_context(first: int, num_reqs: int, query_start: list[int], seq_lens: list[int]) -> bool:
@@ -73,9 +82,9 @@ def plan_prefill(*, first: int, num_reqs: int, token_start: int, query_start: li
                  own_call_min_tokens: int | None = None) -> PFAPrefillPlan:
     """The plan for requests [first, num_reqs), from host-side lengths only.
 
-    A request with cached context keeps the block-table entries that cover it; with `block_size=None` (a platform
-    whose cache blocks are smaller than the spec's, known only from the cache) its whole row, for the gather to
-    take what its cache's block size needs.
+    Each request keeps the block-table entries that cover its sequence; with `block_size=None` (a platform whose
+    cache blocks are smaller than the spec's, known only from the cache) its whole row, for the gather to take what
+    its cache's block size needs.
 
     One PFA call takes all requests, padded into one BSND batch; with `own_call_min_tokens`, each request of at
     least that many new tokens gets a call of its own instead (B = 1: its q, and for a fresh request its k and v,
@@ -90,9 +99,8 @@ def plan_prefill(*, first: int, num_reqs: int, token_start: int, query_start: li
         PFACall(
             query_lens=[query_len[r] for r in group], seq_lens=[seq_lens_host[r] for r in group],
             query_starts=[query_start[r] - token_start for r in group],
-            context_block_ids=[
-                block_table[r, : None if block_size is None else -(-(seq_lens_host[r] - query_len[r]) // block_size)]
-                .to(torch.long) if seq_lens_host[r] > query_len[r] else None for r in group],
+            block_ids=[block_table[r, : None if block_size is None else -(-seq_lens_host[r] // block_size)]
+                       .to(torch.long) for r in group],
         )
         for group in [[r] for r in alone] + ([together] if together else [])
     ]
@@ -152,19 +160,24 @@ def _pack(tokens: torch.Tensor, call: PFACall, name: str) -> torch.Tensor:
     return packed
 
 
-def _key_values(key, value, kv_cache, call: PFACall, gather: KVGather) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, max_seq_len, kv_heads, D] keys and values: cached context (gathered) followed by the new tokens."""
-    if not call.has_context:
+def _key_values(key, value, kv_cache, call: PFACall, gather: KVGather | None, like: torch.Tensor,
+                kv_token_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, max_seq_len, kv_heads, D] keys and values (dtype and device of `like`): cached context (gathered) followed
+    by the new tokens; for a layer that shares another layer's K/V (key None) every token from the cache, where that
+    layer wrote them."""
+    shared = key is None
+    if not shared and not call.has_context:
         return _pack(key, call, "keys"), _pack(value, call, "values")
-    shape = (call.num_requests, call.max_seq_len, *key.shape[1:])
-    keys, values = _STAGING.empty("keys", key, *shape), _STAGING.empty("values", value, *shape)
+    shape = (call.num_requests, call.max_seq_len, *kv_token_shape)
+    keys, values = _STAGING.empty("keys", like, *shape), _STAGING.empty("values", like, *shape)
     for i, (start, n, seq_len, block_ids) in enumerate(
-            zip(call.query_starts, call.query_lens, call.seq_lens, call.context_block_ids)):
-        context = seq_len - n
-        if block_ids is not None:
-            gather(kv_cache, block_ids, context, keys[i], values[i])
-            STATS.context_tokens += context
-        keys[i, context:seq_len], values[i, context:seq_len] = key[start:start + n], value[start:start + n]
+            zip(call.query_starts, call.query_lens, call.seq_lens, call.block_ids)):
+        cached = seq_len if shared else seq_len - n
+        if cached:
+            gather(kv_cache, block_ids, cached, keys[i], values[i])
+            STATS.context_tokens += cached
+        if not shared:
+            keys[i, cached:seq_len], values[i, cached:seq_len] = key[start:start + n], value[start:start + n]
     return keys, values
 
 
@@ -172,10 +185,12 @@ def run_prefill(query, key, value, kv_cache, plan: PFAPrefillPlan, output, *, nu
                 head_size: int, scale: float, mask_args: dict) -> None:
     """The step's PFA calls for its prefill tokens; results land in their rows of `output` ([tokens, heads, D])."""
     rows = slice(plan.token_start, plan.token_start + plan.num_tokens)
-    query, key, value, new_rows = query[rows], key[rows], value[rows], output[rows]
+    query, new_rows = query[rows], output[rows]
+    if key is not None:  # None: a layer that shares another layer's K/V (read from the cache)
+        key, value = key[rows], value[rows]
     for call in plan.calls:
         with record_function("pfa_backend.pack_and_gather"):  # named ranges: benchmarks/profile_backend.py
-            keys, values = _key_values(key, value, kv_cache, call, plan.gather)
+            keys, values = _key_values(key, value, kv_cache, call, plan.gather, query, (num_kv_heads, head_size))
             packed_query = _pack(query, call, "query")
         arguments = dict(num_heads=num_heads, num_key_value_heads=num_kv_heads, scale_value=scale,
                          input_layout=PFA_LAYOUT, actual_seq_lengths=call.query_lens,

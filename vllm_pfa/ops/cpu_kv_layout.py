@@ -34,6 +34,11 @@ def _token_view(cache_half: torch.Tensor, transposed: bool) -> torch.Tensor:
     return cache_half.permute(0, 2, 1, 3)
 
 
+def blocks_for(block_ids: torch.Tensor, seq_len: int, kv_cache: torch.Tensor) -> torch.Tensor:
+    """The first block ids, of a request's row, that hold its first `seq_len` tokens (the row may cover more)."""
+    return block_ids[: -(-seq_len // kv_cache.shape[2])]
+
+
 def copy_tokens(blocks: torch.Tensor, seq_len: int, out: torch.Tensor) -> None:
     """out[:seq_len] = the first `seq_len` tokens of `[n, block_size, kv_heads, head]` blocks (a view is fine)."""
     block_size = blocks.shape[1]
@@ -52,6 +57,7 @@ class CpuKVLayout:
     def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int, keys_out: torch.Tensor,
                values_out: torch.Tensor) -> None:
         """Writes one request's first `seq_len` keys and values into `[>= seq_len, kv_heads, head]` outputs."""
+        block_ids = blocks_for(block_ids, seq_len, kv_cache)
         native = extension()
         if native is not None and keys_out.stride(-1) == 1 and values_out.stride(-1) == 1:
             key_cache, value_cache = split_kv_cache(kv_cache)
@@ -93,6 +99,7 @@ class PermutedKVLayout:
 
     def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int, keys_out: torch.Tensor,
                values_out: torch.Tensor) -> None:
+        block_ids = blocks_for(block_ids, seq_len, kv_cache)
         for half, index, out in zip(split_kv_cache(kv_cache), (self.key_index, self.value_index),
                                     (keys_out, values_out)):
             blocks = half.index_select(0, block_ids).flatten(2)  # [n, heads, block * head]: only this request's
