@@ -203,6 +203,19 @@ def test_kv_sharing_layers_read_their_tokens_from_the_cache(name, dtype):
     torch.testing.assert_close(shared, cpu_attn, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+# (query heads, kv heads, head size) per rank, and the spec's rule each breaks
+OUTSIDE_THE_SPEC = [
+    (512, 8, 64, "num_heads"), (128, 1, 128, "cannot be larger than 64"), (8, 3, 64, "must be divisible by"),
+    (4, 2, 576, "d should <= 512"), (256, 256, 256, r"N\*D"),
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_size,rule", OUTSIDE_THE_SPEC)
+def test_layers_outside_the_spec_are_refused_when_built(heads, kv_heads, head_size, rule):
+    with pytest.raises(ValueError, match=f"The PFA attention backend cannot run this model's attention layers.*{rule}"):
+        PFAAttentionBackend.get_impl_cls()(heads, head_size, 0.1, kv_heads, None, None, "auto")
+
+
 def test_metadata_follows_cpu_attn_conventions():
     """Every field of CPU_ATTN's metadata, for the whole batch; the existing path's part on its own."""
     spec = BATCH_SPECS["mixed_small"]

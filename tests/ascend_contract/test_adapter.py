@@ -314,6 +314,21 @@ def test_kv_sharing_layer_reads_its_tokens_from_the_shared_cache(monkeypatch, ca
     assert not [c for c in calls if c.name == "npu_scatter_pa_kv_cache"]
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_size,rule", [
+    (512, 8, 64, "num_heads"), (128, 1, 128, "cannot be larger than 64"), (4, 2, 576, "d should <= 512"),
+    (256, 256, 256, r"N\*D"),
+])
+def test_layers_outside_the_spec_are_refused_when_built(heads, kv_heads, head_size, rule):
+    """On an NPU the operator hands its arguments to torch_npu unchecked: the spec's limits on the per-rank heads
+    are checked when the layer is built, at start-up, instead of surfacing as a kernel error on the first prefill."""
+    with set_current_vllm_config(_vllm_config(Case(BATCHES["mixed"]))), \
+            pytest.raises(ValueError, match=f"cannot run this model's attention layers.*{rule}"):
+        PFAAscendAttentionBackend.get_impl_cls()(
+            num_heads=heads, head_size=head_size, scale=0.1, num_kv_heads=kv_heads, alibi_slopes=None,
+            sliding_window=None, kv_cache_dtype="auto", logits_soft_cap=None, attn_type="decoder",
+            kv_sharing_target_layer_name=None)
+
+
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 8), (8, 1), (6, 2)], ids=["mha", "mqa", "gqa3"])
 def test_head_groupings(monkeypatch, calls, num_heads, num_kv_heads):
     case = Case(BATCHES["mixed"], num_heads=num_heads, num_kv_heads=num_kv_heads)

@@ -26,7 +26,14 @@ from vllm_ascend.attention.attention_v1 import (
 )
 
 from vllm_pfa.backend import ascend_kv
-from vllm_pfa.backend.prefill import PFAPrefillPlan, leading_rows, mask_arguments, plan_prefill, run_prefill
+from vllm_pfa.backend.prefill import (
+    PFAPrefillPlan,
+    check_layer,
+    leading_rows,
+    mask_arguments,
+    plan_prefill,
+    run_prefill,
+)
 from vllm_pfa.backend.stats import STATS
 
 
@@ -86,6 +93,7 @@ def _decode_rows(metadata: PFAAscendMetadata) -> PFAAscendMetadata:
 class PFAAscendAttentionImpl(AscendAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        check_layer(self.num_heads, self.num_kv_heads, self.head_size)  # per rank, before any NPU call
         # per causality of the step (CommonAttentionMetadata.causal), computed once per layer
         self.pfa_mask_args = {causal: mask_arguments(self.sliding_window, causal) for causal in (True, False)}
 

@@ -32,6 +32,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from vllm_pfa.backend.prefill import (
     PFAPrefillPlan,
     has_cached_context,
+    check_layer,
     leading_rows,
     mask_arguments,
     plan_prefill,
@@ -182,6 +183,7 @@ class PFAAttentionImpl(CPUAttentionBackendImpl):
             raise NotImplementedError("The PFA attention backend does not support logits soft-capping.")
         if sinks is not None:
             raise NotImplementedError("The PFA attention backend does not support attention sinks.")
+        check_layer(num_heads, num_kv_heads, head_size)
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         # per causality of the step (CommonAttentionMetadata.causal), computed once per layer

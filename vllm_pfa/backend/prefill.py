@@ -13,6 +13,7 @@ from torch.profiler import record_function
 
 from vllm_pfa.backend.stats import STATS
 from vllm_pfa.ops import api, compressed_causal_mask, native_kernel, npu_prompt_flash_attention
+from vllm_pfa.ops.validation import check_heads
 
 # PFA's layout for vLLM's token-major [tokens, heads, head_size] tensors: with one prefill request BSND is a
 # zero-copy view (B = 1); BNSD would need a transpose copy of q, k and v, and BSH is BSND with the last two axes
@@ -106,6 +107,16 @@ def plan_prefill(*, first: int, num_reqs: int, token_start: int, query_start: li
     ]
     return PFAPrefillPlan(token_start=token_start, num_tokens=sum(query_len.values()), calls=calls,
                           atten_mask=compressed_causal_mask(device), gather=gather)
+
+
+def check_layer(num_heads: int, num_kv_heads: int, head_size: int) -> None:
+    """Refuses, when the model's attention layers are built (start-up), a layer whose per-rank heads PFA's spec
+    does not allow in the backend's layout; the error names the rule."""
+    try:
+        check_heads(num_heads, num_kv_heads, head_size, PFA_LAYOUT)
+    except ValueError as exc:
+        raise ValueError(f"The PFA attention backend cannot run this model's attention layers ({num_heads} query "
+                         f"heads, {num_kv_heads} kv heads of size {head_size} per rank): {exc}") from None
 
 
 def mask_arguments(sliding_window: int | None, causal: bool = True) -> dict:

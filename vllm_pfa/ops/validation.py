@@ -177,7 +177,12 @@ def _check_qkv(query, key, value, layout: str, num_heads: int, num_key_value_hea
     return batch, kv_heads, q_seq, kv_seq, head_dim
 
 
-def _check_sizes(query, layout, batch, num_heads, kv_heads, q_seq, kv_seq, head_dim) -> None:
+def check_heads(num_heads: int, kv_heads: int, head_dim: int, layout: str) -> None:
+    """The spec's limits on a layer's head configuration (`kv_heads` resolved: 0 already means num_heads). The
+    operator checks them per call; the backends at start-up, with their per-rank heads, since on an NPU the
+    operator hands its arguments to torch_npu unchecked."""
+    _check_int("num_heads", num_heads, 1, MAX_HEADS)
+    _check_int("num_key_value_heads", kv_heads, 1, MAX_HEADS)
     if num_heads % kv_heads:
         raise fail(
             "num_key_value_heads", kv_heads,
@@ -192,6 +197,10 @@ def _check_sizes(query, layout, batch, num_heads, kv_heads, q_seq, kv_seq, head_
         raise fail("D", head_dim, f"d should <= {MAX_HEAD_DIM}")
     if layout in ("BSH", "BSND") and num_heads * head_dim >= MAX_HIDDEN_BSH_BSND:
         raise fail("N*D", num_heads * head_dim, f"must be < {MAX_HIDDEN_BSH_BSND} for input_layout {layout}")
+
+
+def _check_sizes(query, layout, batch, num_heads, kv_heads, q_seq, kv_seq, head_dim) -> None:
+    check_heads(num_heads, kv_heads, head_dim, layout)
     if batch > MAX_BATCH:
         raise fail("B", batch, f"must be <= {MAX_BATCH}")
     if (head_dim * query.element_size()) % 32 and batch > MAX_BATCH_UNALIGNED_D:
