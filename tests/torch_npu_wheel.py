@@ -10,17 +10,17 @@ meta functions that give the ops' output shapes under fake tensors.
 
 import ast
 import builtins
-import hashlib
 import re
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
 import torch
+
+from pinned_download import fetch_once
 
 VERSION = "2.10.0.post4"  # the torch-npu vllm-ascend 0.30.0rc2 pins
 WHEEL = f"torch_npu-{VERSION}-cp311-cp311-manylinux_2_28_x86_64.whl"
@@ -51,18 +51,12 @@ def _download(target: Path) -> Path:
 
 def wheel_file(member: str) -> Path:
     """One of the wheel's files (SCHEMAS, ATB_LIBRARY, META), fetching and extracting them if needed."""
-    done = CACHE / f"{VERSION}.verified"
-    if not done.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            wheel = _download(Path(tmp))
-            digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-            if digest != SHA256:
-                raise Unavailable(f"torch-npu {VERSION} wheel has sha256 {digest}, expected {SHA256}")
-            with zipfile.ZipFile(wheel) as archive:
-                for name in (SCHEMAS, ATB_LIBRARY, META):
-                    archive.extract(name, CACHE)
-        done.write_text(SHA256 + "\n")
+    def unpack(wheel: Path) -> None:
+        with zipfile.ZipFile(wheel) as archive:
+            for name in (SCHEMAS, ATB_LIBRARY, META):
+                archive.extract(name, CACHE)
+
+    fetch_once(CACHE, VERSION, SHA256, _download, unpack, Unavailable)
     return CACHE / member
 
 

@@ -6,13 +6,13 @@ which needs setuptools-scm (a test dependency) and `SOC_VERSION`. The package's 
 its setup.py writes it for an Atlas A2 (`ascend910b1`) build.
 """
 
-import hashlib
 import os
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
+
+from pinned_download import fetch_once
 
 VERSION = "0.30.0rc2"
 SHA256 = "05cb51448c0cd174ea338b16ebbfc8e215f44b373ea2a0d65f1314523a01152f"
@@ -41,19 +41,13 @@ def _download(target: Path) -> Path:
 def source_root() -> Path:
     """The unpacked release (its top directory holds `vllm_ascend/` and its egg-info), fetching it if needed."""
     root = CACHE / f"vllm_ascend-{VERSION}"
-    done = CACHE / f"{VERSION}.verified"
-    if done.exists():
-        return root
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        archive = _download(Path(tmp))
-        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-        if digest != SHA256:
-            raise SdistUnavailable(f"vllm-ascend {VERSION} sdist has sha256 {digest}, expected {SHA256}")
+
+    def unpack(archive: Path) -> None:
         with tarfile.open(archive) as tar:
             tar.extractall(CACHE, filter="data")
-    (root / "vllm_ascend" / "_build_info.py").write_text(
-        f"# Written as vllm-ascend's setup.py writes it (SOC_VERSION={SOC_VERSION})\n"
-        f"__device_type__ = '{DEVICE_TYPE}'\n")
-    done.write_text(SHA256 + "\n")
+        (root / "vllm_ascend" / "_build_info.py").write_text(
+            f"# Written as vllm-ascend's setup.py writes it (SOC_VERSION={SOC_VERSION})\n"
+            f"__device_type__ = '{DEVICE_TYPE}'\n")
+
+    fetch_once(CACHE, VERSION, SHA256, _download, unpack, SdistUnavailable)
     return root
