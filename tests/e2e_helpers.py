@@ -34,24 +34,35 @@ def generate(tmp_path: Path, backend: str, *args: str) -> dict:
     return json.loads(Path(out).read_text())
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def start_vllm(model: str, log_path: Path, args: Sequence[str], env: dict[str, str] | None = None,
+               port: int | None = None) -> subprocess.Popen:
+    """`vllm serve model --attention-backend pfa [--host 127.0.0.1 --port port] args`, logging at DEBUG (the
+    backend's per-step lines) to log_path."""
+    address = ("--host", "127.0.0.1", "--port", str(port)) if port else ()
+    environment = dict(os.environ, VLLM_LOGGING_LEVEL="DEBUG", **(env or {}))
+    with open(log_path, "w") as log:
+        return subprocess.Popen([VLLM, "serve", model, "--attention-backend", "pfa", *address, *args], stdout=log,
+                                stderr=subprocess.STDOUT, env=environment)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(timeout=60)
+
+
 @contextmanager
 def vllm_server(model: str, log_path: Path, serve_args: Sequence[str] = SCENARIO_SERVE_ARGS,
-                startup_timeout_s: float = 300) -> Iterator[openai.OpenAI]:
-    """`vllm serve model --attention-backend pfa` with `serve_args`, logging at DEBUG to log_path; yields an openai
-    client once the server answers, and stops the server on exit."""
-    port = _free_port()
-    env = dict(os.environ, VLLM_LOGGING_LEVEL="DEBUG")  # the backend's per-step lines
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [VLLM, "serve", model, "--attention-backend", "pfa", "--host", "127.0.0.1", "--port", str(port),
-             *serve_args],
-            stdout=log, stderr=subprocess.STDOUT, env=env)
+                startup_timeout_s: float = 300, env: dict[str, str] | None = None) -> Iterator[openai.OpenAI]:
+    """`vllm serve model --attention-backend pfa` with `serve_args` (start_vllm); yields an openai client once the
+    server answers, and stops the server on exit."""
+    port = free_port()
+    server = start_vllm(model, log_path, serve_args, env, port)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
         deadline = time.time() + startup_timeout_s
@@ -65,8 +76,7 @@ def vllm_server(model: str, log_path: Path, serve_args: Sequence[str] = SCENARIO
                 time.sleep(2)
         yield client
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop(server)
 
 
 def logged_prefill_tokens(log_text: str) -> int:
