@@ -8,16 +8,15 @@ reaches the platform's methods unchanged.
 """
 
 import logging
-
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from vllm_pfa.log import init_logger, log_once
+from vllm_pfa.plugin import BACKEND_NAME
 from vllm_pfa_patches.versions import ALLOW_UNVERIFIED_ENV, allow_unverified, describe, describe_verified
 
 logger = init_logger(__name__)
 
-BACKEND_NAME = "PFA"
 _PATCHED = "_vllm_pfa_patched"
 
 
