@@ -2,14 +2,16 @@
 
 import logging
 
-from vllm.logger import init_logger as _vllm_init_logger
-
 _said: set[tuple] = set()
 
 
 def init_logger(name: str) -> logging.Logger:
+    # Imported here, not at module level: importing vllm runs platform detection (vLLM 0.30), which loads this
+    # package's platform plugin, which needs this module complete.
+    from vllm.logger import init_logger as vllm_init_logger
+
     # vLLM's logging configuration (handler, level, VLLM_LOGGING_LEVEL) covers the "vllm" logger tree only.
-    return _vllm_init_logger(f"vllm.{name}")
+    return vllm_init_logger(f"vllm.{name}")
 
 
 def log_once(logger: logging.Logger, level: int, msg: str, *args) -> None:

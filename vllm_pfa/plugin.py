@@ -15,7 +15,11 @@ from collections.abc import Callable
 
 from vllm_pfa.log import init_logger
 
-logger = init_logger(__name__)
+
+def _logger():
+    # Not a module-level logger: this module can be imported by platform detection while `import vllm` is still
+    # running (vLLM 0.30), and creating vLLM's logger then would need vllm complete.
+    return init_logger(__name__)
 
 BACKEND_NAME = "PFA"
 CPU_BACKEND_CLASS_PATH = "vllm_pfa.backend.pfa_attn.PFAAttentionBackend"
@@ -71,12 +75,12 @@ def _never_raise(what: str, entry: Callable[[], object]) -> None:
         entry()
     except Exception:  # noqa: BLE001 - an entry point must not take the vLLM process down
         _stepped_aside = True
-        logger.warning("vllm-pfa: %s failed on this stack; the PFA attention backend is disabled in this process.",
+        _logger().warning("vllm-pfa: %s failed on this stack; the PFA attention backend is disabled in this process.",
                        what, exc_info=True)
         try:
             _step_aside()
         except Exception:  # noqa: BLE001
-            logger.debug("vllm-pfa: could not withdraw the backend name", exc_info=True)
+            _logger().debug("vllm-pfa: could not withdraw the backend name", exc_info=True)
 
 
 def register_backend_name_at_platform_detection() -> None:
@@ -85,11 +89,11 @@ def register_backend_name_at_platform_detection() -> None:
 
 
 def _register() -> None:
-    from vllm_pfa_patches import apply_platform_patches
+    from vllm_pfa_patches import apply_kv_cache_patches, apply_platform_patches
 
     register_backend_name()
-    applied = apply_platform_patches()
-    logger.debug("vllm-pfa registered; patches in effect: %s", applied)
+    applied = apply_platform_patches() | apply_kv_cache_patches()
+    _logger().debug("vllm-pfa registered; patches in effect: %s", applied)
 
 
 def register() -> None:

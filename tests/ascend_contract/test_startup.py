@@ -85,3 +85,19 @@ def test_pfa_where_the_cpu_platform_runs_on_an_ascend_installation_is_refused():
     result, _ = probe("--", *PFA, *ENGINE, env={"VLLM_PLUGINS": "pfa"})
     assert result["platform"] == "CpuPlatform"
     assert "not verified on this CPU stack (vLLM 0.30.0; verified: vLLM 0.32.0)" in result["error"]
+
+
+@pytest.mark.parametrize("first_import", ["vllm_pfa", "vllm_pfa.log", "vllm_pfa.plugin", "vllm_pfa_patches.versions"])
+def test_importing_this_package_before_vllm_loads_the_plugin(first_import):
+    """On vLLM 0.30 `import vllm` runs platform detection, which loads this package's platform plugin: a script
+    that imports vllm_pfa (or any of its modules) first must not break that plugin half-way (it did: a circular
+    import, "Failed to load plugin pfa")."""
+    script = (f"import {first_import}\n"
+              "from vllm.v1.attention.backends.registry import AttentionBackendEnum\n"
+              "print(AttentionBackendEnum['PFA'].value)\n")
+    environment = {k: v for k, v in os.environ.items() if k != "VLLM_PFA_ALLOW_UNVERIFIED"}
+    proc = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, timeout=300,
+                          env=environment | {"VLLM_PLUGINS": PLUGINS}, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Failed to load plugin" not in proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == ASCEND_BACKEND
