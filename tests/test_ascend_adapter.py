@@ -1,86 +1,167 @@
-"""The Ascend adapter's platform-independent parts, in this process: vllm-ascend's cache layout and the shared PFA
-prefill. The vllm-ascend subclasses themselves (`vllm_pfa.backend.ascend_attn`) run against vllm-ascend's released
-source in the contract suite (tests/ascend_contract, started by test_ascend_contract.py)."""
+"""The Ascend adapter's platform-independent parts, in this process: reading K/V out of vllm-ascend's cache layouts
+(vllm_pfa.backend.ascend_kv) and the shared planning (vllm_pfa.backend.prefill). The vllm-ascend subclasses
+themselves (`vllm_pfa.backend.ascend_attn`) run against vllm-ascend's released source in the contract suite
+(tests/ascend_contract, started by test_ascend_contract.py)."""
 
 import importlib.util
-import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vllm.platforms.cpu import CpuPlatform
 
-from test_backend import BATCHES, BLOCK_SIZE, HEAD_SIZE, HEADS, KV_HEADS, _make_batch, _run
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadataBuilder
 from vllm_pfa.backend import ascend_kv
-from vllm_pfa.backend.prefill import mask_arguments, plan_prefill, run_prefill
-from vllm_pfa.ops import cpu_kv_layout
+from vllm_pfa.backend.prefill import consecutive_within_budget, plan_prefill, window_start
 from vllm_pfa_patches.platform import ascend_attn_backend_selection
 
-
-def _ascend_cache_from_cpu_cache(kv_cache: torch.Tensor, layout) -> torch.Tensor:
-    """The same K/V, block for block, in vllm-ascend's (2, num_blocks, block_size, kv_heads, head) layout."""
-    num_blocks = kv_cache.shape[0]
-    all_blocks = torch.arange(num_blocks)
-    tokens = torch.empty(2, num_blocks * BLOCK_SIZE, KV_HEADS, HEAD_SIZE, dtype=kv_cache.dtype)
-    layout.gather(kv_cache, all_blocks, num_blocks * BLOCK_SIZE, tokens[0], tokens[1])
-    return tokens.unflatten(1, (num_blocks, BLOCK_SIZE))
+BLOCK, KV_HEADS, HEAD = 16, 2, 8
 
 
-def test_gather_reads_blocks_in_table_order():
-    cache = torch.randn(2, 6, BLOCK_SIZE, KV_HEADS, HEAD_SIZE)
-    blocks = torch.tensor([4, 1, 5])
-    seq_len = 2 * BLOCK_SIZE + 3
-    keys, values = (torch.full((seq_len + 4, KV_HEADS, HEAD_SIZE), float("nan")) for _ in range(2))
-    ascend_kv.gather(cache, blocks, seq_len, keys, values)
-    assert torch.equal(keys[BLOCK_SIZE + 2], cache[0, 1, 2]) and torch.equal(values[2 * BLOCK_SIZE], cache[1, 5, 0])
-    assert torch.equal(keys[:seq_len], cache[0, blocks].flatten(0, 1)[:seq_len]) and keys[seq_len:].isnan().all()
-    keys_pair, values_pair = torch.empty(10, KV_HEADS, HEAD_SIZE), torch.empty(10, KV_HEADS, HEAD_SIZE)
-    ascend_kv.gather((cache[0], cache[1]), blocks, 10, keys_pair, values_pair)
-    assert torch.equal(keys_pair, keys[:10]) and torch.equal(values_pair, values[:10])
+def _layouts(num_blocks: int, dtype=torch.float32):
+    """One layer's (K, V) in each layout vllm-ascend uses, with the same content: token t of block b, head h,
+    holds a value derived from (half, b, t, h)."""
+    content = torch.arange(2 * num_blocks * BLOCK * KV_HEADS * HEAD, dtype=dtype).view(
+        2, num_blocks, BLOCK, KV_HEADS, HEAD)
+    hidden = BLOCK * KV_HEADS * HEAD
+    interleaved = torch.as_strided(torch.empty(2 * num_blocks * hidden + 7, dtype=dtype)[7:],  # odd storage offset
+                                   content.shape, (hidden, 2 * hidden, KV_HEADS * HEAD, HEAD, 1))
+    interleaved.copy_(content)
+    heads_major = content.transpose(2, 3).contiguous()  # (2, blocks, kv_heads, block, head)
+    separate = (content[0].clone(), content[1].clone())  # two allocations
+    return content, {
+        "contiguous": ((content[0], content[1]), False),
+        "interleaved": ((interleaved[0], interleaved[1]), False),
+        "heads_major": ((heads_major[0], heads_major[1]), True),
+        "separate": (separate, False),
+    }
 
 
-def test_gather_reads_the_block_size_off_the_cache_and_ignores_extra_entries():
-    """The block table is in kernel blocks; a whole row (trailing entries included) is what the adapter passes."""
-    cache = torch.randn(2, 9, BLOCK_SIZE, KV_HEADS, HEAD_SIZE)
-    row = torch.tensor([7, 2, 0, 0, 0])
-    keys, values = torch.empty(BLOCK_SIZE + 5, KV_HEADS, HEAD_SIZE), torch.empty(BLOCK_SIZE + 5, KV_HEADS, HEAD_SIZE)
-    ascend_kv.gather(cache, row, BLOCK_SIZE + 5, keys, values)
-    assert torch.equal(keys, cache[0, [7, 2]].flatten(0, 1)[: BLOCK_SIZE + 5])
-    with pytest.raises(ValueError, match="need 3 blocks of 32, but the block table row has 2"):
-        ascend_kv.gather(cache, row[:2], 2 * BLOCK_SIZE + 1, torch.empty(80, KV_HEADS, HEAD_SIZE),
-                         torch.empty(80, KV_HEADS, HEAD_SIZE))
+def _expected(content, block_table, requests, kv_starts, kv_lens):
+    """[2, B, max_kv, kv_heads, head]: each request's keys/values from kv_start, padding repeating its last one."""
+    max_kv = max(kv_lens)
+    out = torch.empty(2, len(kv_lens), max_kv, KV_HEADS, HEAD, dtype=content.dtype)
+    for b, (r, start, n) in enumerate(zip(requests, kv_starts, kv_lens)):
+        positions = start + torch.clamp(torch.arange(max_kv), max=n - 1)
+        out[:, b] = content[:, block_table[r, positions // BLOCK].long(), positions % BLOCK]
+    return out
 
 
-def test_gather_heads_major_layout():
-    """VLLM_KV_CACHE_LAYOUT=HND / LBHNC: (2, num_blocks, kv_heads, block_size, head)."""
-    cache = torch.randn(2, 6, BLOCK_SIZE, KV_HEADS, HEAD_SIZE)
-    blocks, seq_len = torch.tensor([3, 0]), BLOCK_SIZE + 7
-    expected = [torch.empty(seq_len, KV_HEADS, HEAD_SIZE) for _ in range(2)]
-    ascend_kv.gather(cache, blocks, seq_len, *expected)
-    got = [torch.empty(seq_len, KV_HEADS, HEAD_SIZE) for _ in range(2)]
-    ascend_kv.gather(cache.transpose(2, 3).contiguous(), blocks, seq_len, *got, heads_major=True)
-    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+def _plan(seq_lens, query_lens, first=0, window=None, block_table=None):
+    query_start = [0]
+    for q in query_lens:
+        query_start.append(query_start[-1] + q)
+    return plan_prefill(first=first, num_reqs=len(seq_lens), token_start=query_start[first], query_start=query_start,
+                        seq_lens_host=seq_lens, block_table=block_table, block_size=None,
+                        device=torch.device("cpu"), gather=None, sliding_window=window)
 
 
-@pytest.mark.parametrize("batch", ["mixed", "prefills_with_context", "fresh_prefills"])
-def test_prefill_over_ascend_cache_layout_matches_cpu_attn(batch):
-    requests = BATCHES[batch]
-    expected = _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, torch.float32, requests)
-    layout = cpu_kv_layout.probe("vec", torch.float32, BLOCK_SIZE, HEAD_SIZE)
-    query, key, value, kv_cache, common = _make_batch(requests, torch.float32, "vec")
-    ascend_cache = _ascend_cache_from_cpu_cache(kv_cache, layout)
-    first = sum(1 for q, _ in requests if q == 1)
-    query_start = common.query_start_loc_cpu.tolist()
-    plan = plan_prefill(first=first, num_reqs=len(requests), token_start=query_start[first],
-                        query_start=query_start, seq_lens_host=common.seq_lens.tolist(),
-                        block_table=common.block_table_tensor, block_size=BLOCK_SIZE, device=torch.device("cpu"),
-                        gather=ascend_kv.gather)
-    output = torch.full_like(query, float("nan"))
-    run_prefill(query, key, value, ascend_cache, plan, output, num_heads=HEADS, num_kv_heads=KV_HEADS,
-                head_size=HEAD_SIZE, scale=1 / math.sqrt(HEAD_SIZE), mask_args=mask_arguments(None))
-    rows = slice(query_start[first], None)
-    torch.testing.assert_close(output[rows], expected[rows], atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("layout", ["contiguous", "interleaved", "heads_major", "separate"])
+def test_gather_reads_every_layout_with_one_index_select_per_storage(layout):
+    content, layouts = _layouts(num_blocks=9)
+    (key_cache, value_cache), heads_major = layouts[layout]
+    block_table = torch.tensor([[4, 1, 7, 0], [2, 8, 0, 0], [5, 3, 6, 0]], dtype=torch.int32)
+    seq_lens, query_lens = [40, 9, 33], [5, 9, 20]
+    plan = _plan(seq_lens, query_lens, block_table=block_table)
+    (indices,) = ascend_kv.build_call_indices(plan.calls, 0, torch.device("cpu"))
+    geometry = ascend_kv.cache_geometry(key_cache, value_cache, heads_major=heads_major)
+    assert geometry is not None and (geometry.value_base is None) == (layout == "separate")
+    assert geometry.rows_per_token == (KV_HEADS if heads_major else 1)
+    rows = ascend_kv.key_value_rows(indices, geometry, block_table)
+    assert ascend_kv.key_value_rows(indices, geometry, block_table) is rows  # once per step
+    out = torch.full((2, 3 * max(seq_lens) * geometry.rows_per_token, geometry.row_elems), float("nan"))
+    ops = _count_ops(lambda: ascend_kv.gather_keys_values(key_cache, value_cache, geometry, rows, out))
+    assert ops.get("aten.index_select.out", 0) == (2 if layout == "separate" else 1)
+    assert not {op for op in ops if "copy" in op or "clone" in op or "contiguous" in op}, ops
+    expected = _expected(content, block_table, [0, 1, 2], [0, 0, 0], seq_lens)
+    torch.testing.assert_close(out.view(2, 3, max(seq_lens), KV_HEADS, HEAD), expected, atol=0, rtol=0)
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] = self.counts.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_ops(fn) -> dict[str, int]:
+    with _Ops() as mode:
+        fn()
+    return mode.counts
+
+
+def test_unaddressable_cache_has_no_geometry_and_is_gathered_by_index():
+    """A cache whose head dimension is not dense is not row-addressable: the fallback indexes the views."""
+    content, _ = _layouts(num_blocks=4)
+    strided = torch.empty(2, 4, BLOCK, KV_HEADS, 2 * HEAD)[..., ::2]
+    strided.copy_(content)
+    assert ascend_kv.cache_geometry(strided[0], strided[1], heads_major=False) is None
+    block_table = torch.tensor([[3, 1]], dtype=torch.int32)
+    plan = _plan([20], [20], block_table=block_table)
+    (indices,) = ascend_kv.build_call_indices(plan.calls, 0, torch.device("cpu"))
+    out = torch.empty(2, 20, KV_HEADS, HEAD)
+    ascend_kv.gather_by_index(strided[0], strided[1], indices, block_table, heads_major=False, out=out)
+    torch.testing.assert_close(out.unsqueeze(1), _expected(content, block_table, [0], [0], [20]), atol=0, rtol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 60)), min_size=1, max_size=5),
+       st.sampled_from(["contiguous", "interleaved", "heads_major", "separate"]), st.one_of(st.none(),
+                                                                                        st.integers(1, 30)))
+def test_gather_matches_direct_indexing(requests, layout, window):
+    """Any batch, layout and window: the padded K/V equal each request's keys read one by one."""
+    query_lens = [q for q, _ in requests]
+    seq_lens = [q + c for q, c in requests]
+    blocks_needed = [-(-s // BLOCK) for s in seq_lens]
+    num_blocks = sum(blocks_needed) + 1
+    content, layouts = _layouts(num_blocks)
+    (key_cache, value_cache), heads_major = layouts[layout]
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(sum(seq_lens)))
+    block_table = torch.zeros(len(requests), max(blocks_needed), dtype=torch.int32)
+    used = 0
+    for r, n in enumerate(blocks_needed):
+        block_table[r, :n] = order[used:used + n].to(torch.int32)
+        used += n
+    plan = _plan(seq_lens, query_lens, window=window, block_table=block_table)
+    geometry = ascend_kv.cache_geometry(key_cache, value_cache, heads_major=heads_major)
+    (call,) = plan.calls
+    (indices,) = ascend_kv.build_call_indices(plan.calls, 0, torch.device("cpu"))
+    rows = ascend_kv.key_value_rows(indices, geometry, block_table)
+    out = torch.empty(2, indices.batch * indices.max_kv_len * geometry.rows_per_token, geometry.row_elems)
+    ascend_kv.gather_keys_values(key_cache, value_cache, geometry, rows, out)
+    expected = _expected(content, block_table, range(len(requests)), call.kv_starts, call.kv_lens)
+    torch.testing.assert_close(out.view(expected.shape), expected, atol=0, rtol=0)
+    assert call.kv_starts == [window_start(s, q, window) for s, q in zip(seq_lens, query_lens)]
+
+
+def test_window_start_is_vllms_window():
+    """vLLM keeps key j for row i when i - j < W: the first row of a request with c cached tokens is row c."""
+    assert window_start(100, 10, 16) == 100 - 10 - 15
+    assert window_start(20, 10, 16) == 0 and window_start(100, 10, None) == 0
+
+
+def test_query_and_output_indices_pack_and_unpack_the_rows():
+    plan = _plan([7, 3, 12], [7, 3, 5], block_table=torch.zeros(3, 1, dtype=torch.int32))
+    (indices,) = ascend_kv.build_call_indices(plan.calls, 0, torch.device("cpu"))
+    rows = torch.arange(15.0)
+    packed = rows[indices.query_index].view(3, 7)
+    assert packed[1].tolist() == [7, 8, 9, 9, 9, 9, 9] and packed[2, :5].tolist() == [10, 11, 12, 13, 14]
+    assert torch.equal(packed.view(-1)[indices.output_index], rows)
+
+
+def test_budgets_split_consecutive_requests():
+    query = {0: 100, 1: 100, 2: 500, 3: 10, 4: 10}
+    kv = {0: 100, 1: 300, 2: 500, 3: 4000, 4: 10}
+    groups = consecutive_within_budget(query, kv, max_query_tokens=1024, max_kv_tokens=4096)
+    assert groups == [[0, 1], [2], [3], [4]]  # 3 x 500 > 1024 tokens of queries; 2 x 4000 > 4096 of keys
+    for group in groups:
+        assert len(group) * max(query[r] for r in group) <= 1024 or len(group) == 1
+        assert len(group) * max(kv[r] for r in group) <= 4096 or len(group) == 1
 
 
 def test_ascend_patch_is_inert_without_vllm_ascend():

@@ -35,6 +35,7 @@ from vllm_pfa.backend.prefill import (
     check_layer,
     leading_rows,
     mask_arguments,
+    own_calls_then_rest,
     plan_prefill,
     run_prefill,
 )
@@ -162,7 +163,7 @@ class PFAMetadataBuilder(CPUAttentionMetadataBuilder):
                 first=num_decodes, num_reqs=cm.num_reqs, token_start=num_decode_tokens, query_start=query_start,
                 seq_lens_host=seq_lens_host, block_table=cm.block_table_tensor, block_size=self.block_size,
                 device=self.device, gather=None if self.cache_layout is None else self.cache_layout.gather,
-                own_call_min_tokens=self.own_call_min_tokens)
+                group=lambda query_lens, _: own_calls_then_rest(query_lens, self.own_call_min_tokens))
         STATS.log_step(num_decode_tokens, 0 if prefill is None else prefill.num_tokens)
         return PFAMetadata(
             num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len, query_start_loc=cm.query_start_loc,

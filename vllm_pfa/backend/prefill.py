@@ -33,15 +33,22 @@ class PFACall:
     """The requests one PFA call covers, padded to the longest of them."""
 
     query_lens: list[int]  # actual_seq_lengths
-    seq_lens: list[int]  # actual_seq_lengths_kv: context + new tokens
+    seq_lens: list[int]  # context + new tokens
     query_starts: list[int]  # per request, relative to the plan's token_start
     # per request: its block-table entries covering the whole sequence (the gather reads the blocks it needs: the
     # cached context, or every token for a layer that shares another layer's K/V)
     block_ids: list[torch.Tensor]
+    # per request: the first key the call reads (a sliding window's layers need none before it); 0 elsewhere
+    kv_starts: list[int]
 
     @property
     def num_requests(self) -> int:
         return len(self.query_lens)
+
+    @property
+    def kv_lens(self) -> list[int]:
+        """actual_seq_lengths_kv: the keys each request's rows attend to, from its kv_start on."""
+        return [seq_len - start for seq_len, start in zip(self.seq_lens, self.kv_starts)]
 
     @property
     def max_query_len(self) -> int:
@@ -78,35 +85,75 @@ def has_cached_context(first: int, num_reqs: int, query_start: list[int], seq_le
     return any(seq_lens[r] > query_start[r + 1] - query_start[r] for r in range(first, num_reqs))
 
 
+def own_calls_then_rest(query_lens: dict[int, int], own_call_min_tokens: int | None) -> list[list[int]]:
+    """Each request of at least `own_call_min_tokens` new tokens in a call of its own (B = 1: its q, and for a fresh
+    request its k and v, are views, not copies); the rest in one call."""
+    alone = [r for r, n in query_lens.items() if own_call_min_tokens is not None and n >= own_call_min_tokens]
+    together = [r for r in query_lens if r not in alone]
+    return [[r] for r in alone] + ([together] if together else [])
+
+
+def consecutive_within_budget(query_lens: dict[int, int], kv_lens: dict[int, int], *, max_query_tokens: int,
+                              max_kv_tokens: int) -> list[list[int]]:
+    """Runs of consecutive requests whose padded batch stays within the budgets (B x longest query <=
+    max_query_tokens, B x longest kv <= max_kv_tokens); a request over a budget on its own gets a call of its own.
+    Consecutive requests keep each call's rows one contiguous slice of the batch."""
+    groups: list[list[int]] = []
+    longest_query = longest_kv = 0
+    for r in query_lens:
+        q, kv = max(longest_query, query_lens[r]), max(longest_kv, kv_lens[r])
+        if groups and (len(groups[-1]) + 1) * q <= max_query_tokens and (len(groups[-1]) + 1) * kv <= max_kv_tokens:
+            groups[-1].append(r)
+            longest_query, longest_kv = q, kv
+        else:
+            groups.append([r])
+            longest_query, longest_kv = query_lens[r], kv_lens[r]
+    return groups
+
+
+def window_start(seq_len: int, query_len: int, sliding_window: int | None) -> int:
+    """The first key a causal request's new rows can see in a window of W keys (vLLM keeps j > i - W)."""
+    if sliding_window is None:
+        return 0
+    return max(0, seq_len - query_len - (sliding_window - 1))
+
+
 def plan_prefill(*, first: int, num_reqs: int, token_start: int, query_start: list[int], seq_lens_host: list[int],
                  block_table: torch.Tensor, block_size: int | None, device: torch.device, gather: KVGather | None,
-                 own_call_min_tokens: int | None = None) -> PFAPrefillPlan:
-    """The plan for requests [first, num_reqs), from host-side lengths only.
+                 group: Callable[[dict[int, int], dict[int, int]], list[list[int]]] | None = None,
+                 sliding_window: int | None = None) -> PFAPrefillPlan:
+    """The plan for requests [first, num_reqs), from host-side lengths only (`seq_lens_host[r]`, exact).
 
     Each request keeps the block-table entries that cover its sequence; with `block_size=None` (a platform whose
     cache blocks are smaller than the spec's, known only from the cache) its whole row, for the gather to take what
-    its cache's block size needs.
-
-    One PFA call takes all requests, padded into one BSND batch; with `own_call_min_tokens`, each request of at
-    least that many new tokens gets a call of its own instead (B = 1: its q, and for a fresh request its k and v,
-    are views, not copies), and the rest share one call.
+    its cache's block size needs. `group(query_lens, kv_lens)` splits the requests into calls (default: one call);
+    with `sliding_window` (causal layers of one window) each request reads keys from its window's start only.
     """
-    requests = list(range(first, num_reqs))
+    requests = range(first, num_reqs)
     query_len = {r: query_start[r + 1] - query_start[r] for r in requests}
-    own_call = {r: own_call_min_tokens is not None and query_len[r] >= own_call_min_tokens for r in requests}
-    alone = [r for r in requests if own_call[r]]
-    together = [r for r in requests if not own_call[r]]
+    kv_start = {r: window_start(seq_lens_host[r], query_len[r], sliding_window) for r in requests}
+    kv_len = {r: seq_lens_host[r] - kv_start[r] for r in requests}
+    groups = group(query_len, kv_len) if group is not None else [list(requests)]
     calls = [
         PFACall(
-            query_lens=[query_len[r] for r in group], seq_lens=[seq_lens_host[r] for r in group],
-            query_starts=[query_start[r] - token_start for r in group],
+            query_lens=[query_len[r] for r in members], seq_lens=[seq_lens_host[r] for r in members],
+            query_starts=[query_start[r] - token_start for r in members],
             block_ids=[block_table[r, : None if block_size is None else -(-seq_lens_host[r] // block_size)]
-                       .to(torch.long) for r in group],
+                       .to(torch.long) for r in members],
+            kv_starts=[kv_start[r] for r in members],
         )
-        for group in [[r] for r in alone] + ([together] if together else [])
+        for members in groups
     ]
     return PFAPrefillPlan(token_start=token_start, num_tokens=sum(query_len.values()), calls=calls,
                           atten_mask=compressed_causal_mask(device), gather=gather)
+
+
+def pfa_arguments(call: PFACall, plan: PFAPrefillPlan, *, num_heads: int, num_kv_heads: int, scale: float,
+                  mask_args: dict) -> dict:
+    """npu_prompt_flash_attention's keyword arguments for one call (the mask arguments override the plan's mask)."""
+    return dict(num_heads=num_heads, num_key_value_heads=num_kv_heads, scale_value=scale, input_layout=PFA_LAYOUT,
+                actual_seq_lengths=call.query_lens, actual_seq_lengths_kv=call.kv_lens,
+                **({"atten_mask": plan.atten_mask} | mask_args))
 
 
 def check_layer(num_heads: int, num_kv_heads: int, head_size: int) -> None:
@@ -203,9 +250,8 @@ def run_prefill(query, key, value, kv_cache, plan: PFAPrefillPlan, output, *, nu
         with record_function("pfa_backend.pack_and_gather"):  # named ranges: benchmarks/profile_backend.py
             keys, values = _key_values(key, value, kv_cache, call, plan.gather, query, (num_kv_heads, head_size))
             packed_query = _pack(query, call, "query")
-        arguments = dict(num_heads=num_heads, num_key_value_heads=num_kv_heads, scale_value=scale,
-                         input_layout=PFA_LAYOUT, actual_seq_lengths=call.query_lens,
-                         actual_seq_lengths_kv=call.seq_lens, **({"atten_mask": plan.atten_mask} | mask_args))
+        arguments = pfa_arguments(call, plan, num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale,
+                                  mask_args=mask_args)
         with record_function("pfa_backend.operator"):
             # Our CPU implementation: the native kernel writes the rows of `output` itself (no result tensor to
             # copy back).

@@ -71,9 +71,35 @@ class _NPUGraph:
         raise RuntimeError("torch_npu stand-in: graph capture needs an NPU")
 
 
+class _NeedsAnNPU:
+    """A torch.npu / torch_npu._C class vllm-ascend's model runners name at import time (annotations, class fields),
+    never constructed in this suite."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        raise RuntimeError(f"torch_npu stand-in: {type(self).__name__} needs an NPU")
+
+
+class _Stream(_NeedsAnNPU):
+    pass
+
+
+class _ExternalEvent(_NeedsAnNPU):
+    pass
+
+
+class _NPUTaskGroupHandle(_NeedsAnNPU):
+    pass
+
+
 _npu = types.ModuleType("torch.npu")
 _npu.Event = _Event
 _npu.NPUGraph = _NPUGraph
+_npu.Stream = _Stream
+_npu.ExternalEvent = _ExternalEvent
+_npu.config = types.SimpleNamespace(allow_internal_format=False)  # set by vllm-ascend's V1 runner on import
+_C = types.ModuleType("torch_npu._C")
+_C._NPUTaskGroupHandle = _NPUTaskGroupHandle
+sys.modules["torch_npu._C"] = _C
 _npu.is_available = lambda: False
 _npu.is_initialized = lambda: False
 _npu.device_count = lambda: 0
@@ -126,14 +152,16 @@ def npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping, *,
     _record("npu_scatter_pa_kv_cache", num_tokens=key.shape[0], cache_mode=cache_mode)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    for cache, tokens in ((key_cache, key), (value_cache, value)):
-        cache.view(-1, *cache.shape[2:])[slots] = tokens[keep].view(-1, *cache.shape[2:]).to(cache.dtype)
+    for cache, tokens in ((key_cache, key), (value_cache, value)):  # any strides (vllm-ascend's interleaved K/V)
+        block_size = cache.shape[1]
+        cache[slots // block_size, slots % block_size] = tokens[keep].view(-1, *cache.shape[2:]).to(cache.dtype)
 
 
 def _paged_tokens(cache: torch.Tensor, block_ids: torch.Tensor, length: int, kv_heads: int) -> torch.Tensor:
     """The first `length` tokens `[length, kv_heads, head]` of a request, from a paged cache
     `[num_blocks, block_size, kv_heads, head]` or its `[num_blocks, block_size, kv_heads * head]` view."""
-    return cache[block_ids.long()].flatten(0, 1)[:length].reshape(length, kv_heads, -1)
+    head_size = cache[0, 0].numel() // kv_heads
+    return cache[block_ids.long()].flatten(0, 1)[:length].reshape(length, kv_heads, head_size)
 
 
 def _attend(q, k, v, scale: float, keep: torch.Tensor) -> torch.Tensor:
@@ -206,6 +234,10 @@ def _npu_paged_attention(query, key_cache, value_cache, num_kv_heads, num_heads,
     """Decode: each query row `[B, N, D]` attends to all `context_lens[b]` cached tokens of its request. (Not an
     `npu::` op: torch_npu's ATB extension registers it as `atb::_npu_paged_attention` and sets it on the module.)"""
     _refuse_unimplemented(_npu_paged_attention, locals())
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        # vllm-ascend allocates contiguous K/V for every layer it sends to paged attention
+        # (attention/utils.py: requires_contiguous_pa_kv_cache); the kernel addresses blocks by a dense layout.
+        raise RuntimeError("torch_npu stand-in: _npu_paged_attention needs contiguous key/value caches")
     _record("_npu_paged_attention", num_tokens=query.shape[0])
     block_size = key_cache.shape[1]
     for b in range(query.shape[0]):
