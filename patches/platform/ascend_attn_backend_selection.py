@@ -12,7 +12,8 @@ How: (1) wraps `check_and_update_config`: all of vllm-ascend's fix-ups run uncha
     reset is put back (logged); (2) wraps `get_attn_backend_cls` (shared mechanism: `selection.patch_platform`).
     Any other selection, and every config without PFA, reaches vllm-ascend unchanged. PFA on a device the operator
     spec does not cover for vLLM's prefill (310P: fp16 only, actual_seq_lengths=None, sparse_mode=0, no GQA; A5: not
-    listed) is refused at start-up, naming the device and the rule, instead of falling back to another backend.
+    listed) is refused at start-up, naming the device and the rule, instead of falling back to another backend; so
+    is PFA with a quantized (C8 / MXFP8) KV cache, whose layers vllm-ascend hands to its own impls.
 For: the stacks in VERIFIED_STACKS (releases compared as vllm-ascend compares them: `0.30.0+empty` is 0.30.0,
     `VLLM_VERSION` overrides a dev build's). Other stacks: only the refusal, unless VLLM_PFA_ALLOW_UNVERIFIED=1.
     Without vllm-ascend nothing is patched and nothing is said.
@@ -55,9 +56,25 @@ def check_device() -> None:
                      f"--attention-backend pfa to use vllm-ascend's own attention backend on this device.")
 
 
-def _keep_pfa_through_config_fixups(vllm_config, selected) -> None:
+def refuse_quantized_kv_cache(vllm_config) -> None:
+    """vllm-ascend's C8 (int8, from the checkpoint's quantization) and MXFP8 (`--kv-cache-dtype mxfp8`) KV caches
+    replace a layer's impl with their own class when its weights are created, so PFA would silently leave every
+    layer while its builder still planned PFA; PFA reads unquantized K/V only. Refused at start-up instead."""
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    c8 = getattr(vllm_config.quant_config, "enable_c8_quant", False)
+    if c8 or cache_dtype not in ("auto", "float16", "bfloat16"):
+        what = "the checkpoint's C8 (int8) KV-cache quantization" if c8 else f"--kv-cache-dtype {cache_dtype}"
+        raise ValueError(f"The PFA attention backend cannot run with {what}: PFA reads unquantized K/V, and "
+                         f"vllm-ascend runs quantized KV caches through its own attention implementations. Start "
+                         f"without --attention-backend pfa, or with an unquantized KV cache.")
+
+
+def _after_config(vllm_config, selected) -> None:
+    if not is_pfa(selected):
+        return
+    refuse_quantized_kv_cache(vllm_config)
     attention_config = vllm_config.attention_config
-    if is_pfa(selected) and attention_config.backend is None:
+    if attention_config.backend is None:
         attention_config.backend = selected
         logger.info("vllm-pfa: keeping attention backend %s (vllm-ascend's config fix-ups reset it).", BACKEND_NAME)
 
@@ -68,4 +85,4 @@ def apply() -> bool:
     from vllm_ascend.platform import NPUPlatform
 
     return patch_platform(NPUPlatform, stack, PFA_ASCEND_BACKEND, check=check_device,
-                          after_config=_keep_pfa_through_config_fixups)
+                          after_config=_after_config)

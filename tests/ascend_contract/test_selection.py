@@ -4,6 +4,7 @@
 
 import importlib
 import importlib.metadata
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -133,3 +134,26 @@ def test_unverified_stack_refuses_pfa_at_start_up_naming_the_versions(npu_platfo
         NPUPlatform.check_and_update_config(config)
     monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")
     assert _selected(config_again, npu_platform).get_name() == "PFA"
+
+
+@pytest.mark.parametrize("quantized,message", [
+    ("c8", r"cannot run with the checkpoint's C8 \(int8\) KV-cache quantization"),
+    ("mxfp8", r"cannot run with --kv-cache-dtype mxfp8"),
+])
+def test_quantized_kv_caches_are_refused_at_start_up(quantized, message):
+    """vllm-ascend's C8 and MXFP8 KV caches swap each layer's impl class when its weights are created: PFA would
+    silently leave the layers while its builder planned PFA. Refused in the config path, by name."""
+    config = _npu_config("PFA")
+    if quantized == "c8":
+        object.__setattr__(config, "quant_config", SimpleNamespace(enable_c8_quant=True))
+    else:
+        object.__setattr__(config.cache_config, "cache_dtype", "mxfp8")
+    with pytest.raises(ValueError, match=message):
+        NPUPlatform.check_and_update_config(config)
+
+
+def test_unquantized_kv_cache_dtypes_keep_pfa():
+    config = _npu_config("PFA")
+    object.__setattr__(config.cache_config, "cache_dtype", "bfloat16")
+    NPUPlatform.check_and_update_config(config)
+    assert config.attention_config.backend.name == "PFA"
