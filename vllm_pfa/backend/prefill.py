@@ -1,7 +1,7 @@
-"""The platform-independent half of the PFA backend: planning a step's prefill (builder side, once per step) and
-running it through `npu_prompt_flash_attention` (impl side, once per layer).
-
-A platform adapter supplies only how to read a request's K/V back from its paged cache (`KVGather`).
+"""The platform-independent half of the PFA backend: planning a step's prefill (builder side, once per step: which
+requests, in which calls, with which lengths) and the layer checks, for both platforms; and running a plan on CPU
+(`run_prefill`, impl side, once per layer), where the CPU backend supplies how to read a request's K/V back from
+vLLM's paged cache (`KVGather`). The Ascend adapter runs its plans on the device itself (ascend_attn, ascend_kv).
 """
 
 import math
@@ -12,7 +12,7 @@ import torch
 from torch.profiler import record_function
 
 from vllm_pfa.backend.stats import STATS
-from vllm_pfa.ops import api, compressed_causal_mask, native_kernel, npu_prompt_flash_attention
+from vllm_pfa.ops import compressed_causal_mask, native_kernel, npu_prompt_flash_attention
 from vllm_pfa.ops.validation import check_heads
 
 # PFA's layout for vLLM's token-major [tokens, heads, head_size] tensors: with one prefill request BSND is a
@@ -185,18 +185,15 @@ class _StagingBuffers:
     """Host buffers for the packed query and K/V, reused by every layer and step.
 
     A fresh multi-MB CPU tensor per layer costs a page fault per 4 KiB: measured, about a third of the pack/gather
-    time of a 512-token chunk. Each buffer only grows, to the largest step seen; on CPU its padding rows are left
-    uninitialized (the CPU implementation never reads past actual_seq_lengths(_kv)). Tensors bound for torch_npu
-    come from the NPU's caching allocator, which needs no help, and are zeroed: an NPU kernel's tile tail may
-    multiply padding rows by a zero probability, and 0 x NaN is NaN (a memset is cheap on the device).
+    time of a 512-token chunk. Each buffer only grows, to the largest step seen; its padding rows are left
+    uninitialized (the CPU implementation never reads past actual_seq_lengths(_kv)). The Ascend adapter has its own
+    device buffers (ascend_kv.DeviceStaging).
     """
 
     def __init__(self) -> None:
         self._flat: dict[str, torch.Tensor] = {}
 
     def empty(self, name: str, like: torch.Tensor, *shape: int) -> torch.Tensor:
-        if api.runs_on_npu(like):
-            return like.new_zeros(shape)
         numel = math.prod(shape)
         flat = self._flat.get(name)
         if flat is None or flat.numel() < numel or flat.dtype != like.dtype or flat.device != like.device:
@@ -241,7 +238,8 @@ def _key_values(key, value, kv_cache, call: PFACall, gather: KVGather | None, li
 
 def run_prefill(query, key, value, kv_cache, plan: PFAPrefillPlan, output, *, num_heads: int, num_kv_heads: int,
                 head_size: int, scale: float, mask_args: dict) -> None:
-    """The step's PFA calls for its prefill tokens; results land in their rows of `output` ([tokens, heads, D])."""
+    """The step's PFA calls for its prefill tokens, on CPU; results land in their rows of `output`
+    ([tokens, heads, D])."""
     rows = slice(plan.token_start, plan.token_start + plan.num_tokens)
     query, new_rows = query[rows], output[rows]
     if key is not None:  # None: a layer that shares another layer's K/V (read from the cache)
@@ -255,7 +253,7 @@ def run_prefill(query, key, value, kv_cache, plan: PFAPrefillPlan, output, *, nu
         with record_function("pfa_backend.operator"):
             # Our CPU implementation: the native kernel writes the rows of `output` itself (no result tensor to
             # copy back).
-            if not api.runs_on_npu(new_rows) and native_kernel.prompt_flash_attention_into(
+            if native_kernel.prompt_flash_attention_into(
                     new_rows, call.query_starts, packed_query, keys, values, **arguments):
                 STATS.prefill_calls += 1
                 continue
