@@ -13,7 +13,8 @@ Every batch: outputs of the real rows against the independent reference, padded 
 recorded `actual_seq_lengths(_kv)` equal to the true lengths, whatever the host copies said.
 """
 
-import importlib
+import ast
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -53,13 +54,24 @@ from vllm_pfa.ops import api
 pytestmark = pytest.mark.usefixtures("single_rank_groups")
 
 
-def _runner_module(name: str):
-    """A vllm-ascend runner module, or a skip naming why it cannot load on this vLLM (its V2 runner needs vLLM
-    0.30's `vllm.v1.worker.gpu` API, which 0.32 changed; the paired stack runs it)."""
+def _v2_pad_query_start_loc_for_fia():
+    """The V2 runner's `NPUModelRunner._pad_query_start_loc_for_fia`. Its module does not import on vLLM 0.32 (it needs
+    0.30's `vllm.v1.worker.gpu` API); there the method's own source is compiled from vllm-ascend's file (it uses only
+    numpy and CUDAGraphMode), so both stacks run vllm-ascend's code."""
     try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        pytest.skip(f"{name} does not import on this vLLM ({exc}); it runs on vllm-ascend's paired vLLM 0.30")
+        from vllm_ascend.worker.v2.model_runner import NPUModelRunner
+
+        return NPUModelRunner._pad_query_start_loc_for_fia
+    except ImportError:
+        import vllm_ascend.worker.v2 as v2_package
+
+        source = Path(v2_package.__file__).with_name("model_runner.py").read_text()
+        (method,) = [node for node in ast.walk(ast.parse(source))
+                     if isinstance(node, ast.FunctionDef) and node.name == "_pad_query_start_loc_for_fia"]
+        namespace = {"np": np, "CUDAGraphMode": CUDAGraphMode}
+        exec(compile(ast.Module(body=[method], type_ignores=[]), "vllm_ascend/worker/v2/model_runner.py", "exec"),
+             namespace)
+        return namespace["_pad_query_start_loc_for_fia"]
 
 
 @pytest.fixture(autouse=True)
@@ -100,11 +112,10 @@ def _v2_metadata(case: Case, batch: Batch, builder, *, host_lengths: str, graph:
     query_start_loc_np[num_reqs + 1:] = num_tokens
     num_reqs_padded, num_input_tokens = num_reqs, num_tokens
     if graph == "full":
-        runner = _runner_module("vllm_ascend.worker.v2.model_runner").NPUModelRunner
         fake_self = SimpleNamespace(decode_query_len=1 + case.speculative_tokens,
                                     compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL))
         num_input_tokens = capture_tokens
-        query_start_loc_np, num_reqs_padded = runner._pad_query_start_loc_for_fia(
+        query_start_loc_np, num_reqs_padded = _v2_pad_query_start_loc_for_fia()(
             fake_self, num_input_tokens, num_reqs, num_reqs, query_start_loc_np, CUDAGraphMode.FULL, None, None)
     query_start_loc_np = query_start_loc_np[: num_reqs_padded + 1]
     seq_lens = torch.zeros(num_reqs_padded, dtype=torch.int32)  # the device buffer: exact, padding 0
@@ -209,7 +220,7 @@ def _v1_metadata(case: Case, batch: Batch, *, async_spec: bool, sp_padding: int 
     vllm-ascend's `correct_optimistic_seq_lens_cpu` (the PFA backend is an AscendAttentionBackend, so the runner's
     `_needs_seq_lens_cpu_sync` holds); `seq_lens_cpu` and `num_computed_tokens_cpu` are then None. `sp_padding`
     tokens of sequence-parallel padding go to a dummy request through the runner's `_pad_query_start_loc_for_fia`."""
-    runner = _runner_module("vllm_ascend.worker.model_runner_v1").NPUModelRunner
+    from vllm_ascend.worker.model_runner_v1 import NPUModelRunner as runner
     num_reqs, num_tokens = len(case.requests), batch.num_tokens
     max_num_reqs = num_reqs + 4
     query_start_loc = _CpuGpuBuffer(max_num_reqs + 2)
