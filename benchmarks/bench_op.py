@@ -54,6 +54,20 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048) -> float:
     return 2 * n ** 3 / timeit(lambda: a @ b) / 1e9
 
 
+def reference_limits() -> dict:
+    """The limits the plot draws, measured in this run: the 16-bit matrix rate (torch.matmul bf16, oneDNN) and the
+    fp32 peak, the higher of an AVX-512 FMA loop (the native extension's probe) and oneDNN/MKL's fp32 GEMM."""
+    kernel = native_kernel.extension()
+    fma = kernel.fp32_fma_peak_gflops(1.0) if kernel else None
+    gemm = {name: gemm_gflops(dtype) for name, dtype in
+            (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    gemm["fp16"] = gemm_gflops(torch.float16, n=1024)  # smaller: CPUs without fp16 instructions crawl here
+    fp32_peak = max(gemm["fp32"], fma or 0.0)
+    lines = {"16-bit matrix rate: torch.matmul bf16 2048^3": gemm["bf16"],
+             f"fp32 peak: {'AVX-512 FMA loop' if fp32_peak == fma else 'torch.matmul fp32 2048^3'}": fp32_peak}
+    return dict(gemm_gflops=gemm, fp32_fma_loop_gflops=fma, fp32_peak_gflops=fp32_peak, lines=lines)
+
+
 def vllm_kernel_call(q, k, v, lens, scale):
     """A closure running vLLM's CPU kernel on K/V paged beforehand (not timed), as CPU_ATTN would."""
     batch, _, heads, dim = q.shape
@@ -135,12 +149,12 @@ def label(r: dict) -> str:
     return f"{r['dtype']} N{r['heads']}/{r['kv_heads']} D{r['dim']} S={lens}"
 
 
-def plot(results: list[dict], gemm: dict[str, float], path: Path) -> None:
+def plot(results: list[dict], limits: dict, path: Path) -> None:
     names = ["pfa", "vllm_cpu_kernel", "sdpa"]
     grouped_bars(path, [label(r) for r in results], {n: [r["gflops"][n] for r in results] for n in names},
                  ylabel="GFLOP/s (causal FLOPs)", figsize=(max(10, len(results) * 0.45), 6), label_rotation=75,
-                 title="Causal prefill attention on CPU: PFA vs vLLM CPU kernel vs torch SDPA",
-                 reference_lines={f"torch.matmul {name} (2048^3)": value for name, value in gemm.items()})
+                 title="Causal prefill attention on CPU: PFA vs vLLM CPU kernel vs torch SDPA (lines: this run's "
+                       "limits)", reference_lines=limits["lines"])
 
 
 def main() -> None:
@@ -152,34 +166,39 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     all_shapes = list(shapes(args.quick))
     cpu = cpu_info()
-    gemm = {name: gemm_gflops(dtype) for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    limits = reference_limits()
+    gemm = limits["gemm_gflops"]
     kernel = native_kernel.extension()
     products = {name: kernel.products_for(torch.zeros(1, dtype=dtype)) if kernel else None
                 for name, dtype in DTYPES.items()}
     print(f"{cpu['model']}, {cpu['cpus']} CPUs, {torch.get_num_threads()} threads; ISA: {' '.join(cpu['isa_flags'])}")
-    print(f"torch.matmul GFLOP/s: bf16 {gemm['bf16']:.0f}, fp32 {gemm['fp32']:.0f}; native kernel products: "
-          f"{products}")
+    print(f"torch.matmul GFLOP/s: bf16 {gemm['bf16']:.0f}, fp16 {gemm['fp16']:.0f}, fp32 {gemm['fp32']:.0f}; "
+          f"AVX-512 FMA loop {limits['fp32_fma_loop_gflops'] or 0:.0f}; native kernel products: {products}")
     results = []
-    print(f"{'shape':44s} {'PFA':>8s} {'kernel':>8s} {'SDPA':>8s} {'ref':>8s}  PFA/kernel  PFA/SDPA  (GFLOP/s)")
+    print(f"{'shape':44s} {'PFA':>8s} {'kernel':>8s} {'SDPA':>8s} {'ref':>8s}  PFA/kernel  PFA/SDPA  PFA/GEMM "
+          f"(GFLOP/s)")
     for i, shape in enumerate(all_shapes, 1):
         print(f"[{i}/{len(all_shapes)}] {label(shape)} ...", end="\r", file=sys.stderr, flush=True)
         r = bench_shape(shape, with_reference=True)
+        r["pfa_share_of_gemm"] = r["gflops"]["pfa"] / gemm[r["dtype"]]  # of the same run's GEMM in its dtype
         results.append(r)
         g = r["gflops"]
         ref = f"{g['reference']:8.1f}" if "reference" in g else f"{'-':>8s}"
         print(f"{label(r):44s} {g['pfa']:8.1f} {g['vllm_cpu_kernel']:8.1f} {g['sdpa']:8.1f} {ref}  "
-              f"{r['ratio_pfa_vs_kernel']:9.2f}x {r['ratio_pfa_vs_sdpa']:8.2f}x", flush=True)
+              f"{r['ratio_pfa_vs_kernel']:9.2f}x {r['ratio_pfa_vs_sdpa']:8.2f}x {100 * r['pfa_share_of_gemm']:7.0f}%",
+              flush=True)
     ratios = [r["ratio_pfa_vs_kernel"] for r in results]
     by_dtype = {name: statistics.geometric_mean([r["ratio_pfa_vs_kernel"] for r in results if r["dtype"] == name])
                 for name in DTYPES if any(r["dtype"] == name for r in results)}
     summary = dict(min_ratio_pfa_vs_kernel=min(ratios), geomean_ratio_pfa_vs_kernel=statistics.geometric_mean(ratios),
-                   geomean_ratio_pfa_vs_kernel_by_dtype=by_dtype, gemm_gflops=gemm, native_products=products,
+                   geomean_ratio_pfa_vs_kernel_by_dtype=by_dtype, gemm_gflops=gemm, limits=limits,
+                   native_products=products,
                    cpu=cpu, threads=torch.get_num_threads(), torch=torch.__version__)
     print(f"PFA vs vLLM CPU kernel: min {summary['min_ratio_pfa_vs_kernel']:.2f}x, "
           f"geomean {summary['geomean_ratio_pfa_vs_kernel']:.2f}x over {len(results)} shapes; by dtype: "
           + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in by_dtype.items()))
     (args.out / "bench_op.json").write_text(json.dumps(dict(summary=summary, results=results), indent=1))
-    plot(results, gemm, args.out / "bench_op.png")
+    plot(results, limits, args.out / "bench_op.png")
     print(f"wrote {args.out / 'bench_op.json'} and {args.out / 'bench_op.png'}")
 
 

@@ -14,6 +14,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("products_for", &vllm_pfa::products_for,
         "How prefill_attention multiplies for a query of this dtype here: input_dtype (16-bit matrix "
         "instructions) or fp32", pybind11::arg("query"));
+  m.def("fp32_fma_peak_gflops", &vllm_pfa::fp32_fma_peak_gflops,
+        "The fp32 FMA rate of all threads in an AVX-512 FMA loop (GFLOP/s): the benchmarks' fp32 peak line",
+        pybind11::arg("seconds") = 0.5);
   m.def("gather_paged_kv", &vllm_pfa::gather_paged_kv,
         "A request's first seq_len keys/values from vLLM's CPU paged cache into dense outputs",
         pybind11::arg("key_cache"), pybind11::arg("value_cache"), pybind11::arg("block_ids"),

@@ -30,4 +30,7 @@ void gather_paged_kv(const at::Tensor& key_cache, const at::Tensor& value_cache,
                      int64_t seq_len, at::Tensor& keys_out, at::Tensor& values_out, bool key_transposed,
                      bool value_transposed);
 
+// The fp32 FMA rate of all threads over `seconds` of an AVX-512 FMA loop, in GFLOP/s (fma_peak.cpp).
+double fp32_fma_peak_gflops(double seconds);
+
 }  // namespace vllm_pfa

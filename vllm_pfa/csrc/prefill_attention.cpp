@@ -302,6 +302,57 @@ void products_16bit(const Problem& p, int64_t m_rows, int64_t n_cols, int64_t de
   }
 }
 
+// One row's online-softmax step over one key block, for the 16-bit products with a positive scale (every real
+// model): the block max is taken over the raw fp32 products (scaling by s > 0 keeps their order) and each weight is
+// exp2(round(x * s) - round(max * s)), so the scores are read twice and never written back (the general path
+// scales and stores them first); a row that keeps every column of [score_lo, score_hi), all but the diagonal
+// blocks of a causal row, skips the column masks. Measured on AMX (2 cores), where the products are cheap and this
+// loop is most of the kernel's time. Returns false, having changed nothing, where the general path must decide: a
+// NaN or inf among the kept scores, a NaN row state, a scaled max that overflows.
+inline bool softmax_row_positive_scale(const float* row, uint16_t* probs, int64_t lo, int64_t hi, int64_t score_lo,
+                                       int64_t score_hi, float scale_value, ElementType type, float* row_max,
+                                       float* row_sum, float* alpha) {
+  const __m512 neg_inf = _mm512_set1_ps(-kInf);
+  __m512 vmax = neg_inf;
+  __mmask16 nonfinite = 0;
+  for (int64_t c = lo; c < hi; c += 16) {
+    const __mmask16 m = tail_mask(hi - c);
+    const __m512 x = _mm512_mask_loadu_ps(neg_inf, m, row + c);
+    nonfinite |= _mm512_mask_cmp_ps_mask(m, _mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_NEQ_UQ);  // NaN, +-inf
+    vmax = _mm512_max_ps(vmax, x);
+  }
+  const float old_max = *row_max, block_max = _mm512_reduce_max_ps(vmax) * scale_value;
+  if (nonfinite || std::isnan(old_max) || !std::isfinite(block_max)) return false;
+  const float new_max = std::max(old_max, block_max);
+  const __m512 scale = _mm512_set1_ps(scale_value), shift = _mm512_set1_ps(new_max), zero = _mm512_setzero_ps();
+  __m512 vsum = zero;
+  auto weights = [&](int64_t c, __mmask16 kept) {
+    // round(x * s) - round(max * s), two roundings as in the general path: the row's max weighs exactly 1. A fused
+    // x * s - max * s would leave the product's rounding error, which for huge scores is a huge negative number
+    // (exp2 of it: 0); the empty asm keeps the compiler from contracting the two into an FMA.
+    __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(row + c), scale);
+    __asm__("" : "+v"(scaled));
+    const __m512 x = _mm512_min_ps(_mm512_sub_ps(scaled, shift), zero);
+    const __m256i narrow = narrow16(_mm512_maskz_mov_ps(kept, exp2_nonpositive(x)), type);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + c), narrow);
+    vsum = _mm512_add_ps(vsum, widen_half(_mm512_cvtepu16_epi32(narrow), false, type));
+  };
+  if (lo <= score_lo && hi >= score_hi) {
+    for (int64_t c = score_lo; c < score_hi; c += 16) weights(c, __mmask16(0xFFFF));
+  } else {
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t c = score_lo; c < score_hi; c += 16) {
+      const __m512i col = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(c)));
+      weights(c, _mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(lo)), _MM_CMPINT_NLT) &
+                     _mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(hi)), _MM_CMPINT_LT));
+    }
+  }
+  *alpha = old_max == -kInf ? 0.0f : std::exp2(old_max - new_max);  // 0 until a finite score is seen
+  *row_sum = *row_sum * *alpha + _mm512_reduce_add_ps(vsum);
+  *row_max = new_max;
+  return true;
+}
+
 struct Scratch {
   float* q;       // [rows][padded_dim] (fp32 products)
   uint16_t* q16;  // [rows][padded_dim] (16-bit products)
@@ -431,6 +482,11 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
           }
         }
         s.alpha[r] = 1.0f;
+        continue;
+      }
+      if (kMatrix && p.score_scale > 0.0f &&
+          softmax_row_positive_scale(row, probs, lo, hi, score_lo, score_hi, p.score_scale, p.type, s.row_max + r,
+                                     s.row_sum + r, s.alpha + r)) {
         continue;
       }
       __m512 vmax = neg_inf;
