@@ -2,7 +2,8 @@
 
 The benchmark model (built locally: 32 query heads, 8 kv heads, head_dim 128, 2 layers, small MLP, hidden size
 1024) makes attention a real share of the work. Workloads: prefill-heavy (input 2048, output 16), mixed (input
-512, output 128) and long-context (input 8192, output 16). Each backend runs in its own `vllm bench throughput`
+512, output 128) and long-context (input 8192, output 16); on the embedded SmolLM2-135M-Instruct (a real model: 9/3
+heads, head_dim 64, 30 layers) prefill-heavy (4096/16) and mixed (1024/128). Each backend runs in its own `vllm bench throughput`
 process with the same arguments; backends alternate per workload so drift on a noisy machine hits both.
 
 The speculative-decoding workload runs offline instead (benchmarks/speculative_run.py: `vllm bench throughput`'s
@@ -38,6 +39,9 @@ WORKLOADS = {
     "prefill_heavy": dict(input_len=2048, output_len=16, num_prompts=12),
     "mixed": dict(input_len=512, output_len=128, num_prompts=24),
     "long_context": dict(input_len=8192, output_len=16, num_prompts=4),
+    # the embedded SmolLM2-135M-Instruct (9 query heads over 3 kv heads, head_dim 64, 30 layers): a real model's mix
+    "embedded_prefill_heavy": dict(input_len=4096, output_len=16, num_prompts=8, model="smollm2-135m-instruct"),
+    "embedded_mixed": dict(input_len=1024, output_len=128, num_prompts=16, model="smollm2-135m-instruct"),
     "speculative": dict(input_len=1600, output_len=256, num_prompts=4, speculative=True, dtype="float32"),
 }
 SPECULATIVE_RUN = Path(__file__).parent / "speculative_run.py"
@@ -118,7 +122,8 @@ def plot(results: dict, path: Path) -> None:
                         f"(PFA/CPU_ATTN {results[n]['ratio']:.2f}x)" for n in names],
                  {b: [results[n][b][results[n]["rate"]] for n in names] for b in BACKENDS},
                  ylabel="tokens/s (total; speculative: output)", figsize=(9, 4.5),
-                 title="vllm bench throughput (benchmark model, 32/8 heads, D=128); speculative: SmolLM2, n-gram k=4")
+                 title="vllm bench throughput (benchmark model 32/8 heads D=128; embedded_*: SmolLM2 9/3 D=64); "
+                       "speculative: SmolLM2, n-gram k=4")
 
 
 def main() -> None:
@@ -129,7 +134,7 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = str(build_model("bench"))
+    models = {}
     results = {}
     for name in args.workloads:
         workload = WORKLOADS[name]
@@ -137,6 +142,8 @@ def main() -> None:
         print(f"[{name}] input {workload['input_len']}, output {workload['output_len']}, "
               f"{workload['num_prompts']} prompts", flush=True)
         results[name] = {}
+        model_name = workload.get("model", "bench")
+        model = models.setdefault(model_name, str(build_model(model_name)))
         for backend in BACKENDS:
             results[name][backend] = r = run_bench(model, backend, workload, args.dtype)
             print(f"  {backend:9s} {r['total_tokens_per_s']:9.1f} total tok/s  {r['output_tokens_per_s']:8.1f} "
@@ -150,7 +157,7 @@ def main() -> None:
         results[name]["ratio"], results[name]["rate"] = ratio, rate
         results[name]["workload"] = workload
         print(f"  PFA / CPU_ATTN: {ratio:.3f}x", flush=True)
-    (args.out / "bench_e2e.json").write_text(json.dumps(dict(dtype=args.dtype, model=model, cpu=cpu_info(),
+    (args.out / "bench_e2e.json").write_text(json.dumps(dict(dtype=args.dtype, models=models, cpu=cpu_info(),
                                                              results=results), indent=1))
     plot(results, args.out / "bench_e2e.png")
     print(f"wrote {args.out / 'bench_e2e.json'} and {args.out / 'bench_e2e.png'}")

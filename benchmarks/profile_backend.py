@@ -1,11 +1,13 @@
 """Where a prefill step's attention time goes in the PFA backend: metadata build, pack/gather, the operator
-(its kernel, and its own repaging), unpack. Attention layer of the benchmark model's shape (32 query heads, 8 kv
-heads, head_dim 128, bf16), real vLLM builders and cache, torch.profiler ranges.
+(its kernel, and its own repaging), unpack. Attention layers of the benchmark model's shape (32 query heads, 8 kv
+heads, head_dim 128) and of the embedded SmolLM2-135M-Instruct's (9 query heads, 3 kv heads, head_dim 64), bf16,
+real vLLM builders and cache, torch.profiler ranges.
 
     python benchmarks/profile_backend.py [--out benchmarks/results]
 """
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -19,7 +21,7 @@ from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_c
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_pfa.backend.pfa_attn import PFAAttentionImpl, PFAMetadataBuilder
-from vllm_pfa.model_builder import SPECS, build_model
+from vllm_pfa.model_builder import build_model
 from vllm_pfa.testing import make_paged_batch
 
 from plotting import cpu_info, grouped_bars
@@ -30,6 +32,9 @@ SCENARIOS = {  # (query_len, seq_len) per request, decodes first
     "chunk 512 after 1536 cached": [(512, 2048)],
     "mixed: 8 decodes + 2 prefills": [(1, 700)] * 8 + [(1000, 1000), (300, 1300)],
 }
+# layer shapes: the benchmark model's, and the embedded chat model's (SmolLM2-135M-Instruct: 9/3 heads, head_dim 64)
+LAYERS = {"bench": SimpleNamespace(num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+          "smollm2": SimpleNamespace(num_attention_heads=9, num_key_value_heads=3, head_dim=64)}
 RANGES = ("build", "pfa_backend.pack_and_gather", "pfa_backend.operator", "pfa_backend.unpack",
           "_C::cpu_attention_with_kv_cache", "pfa_backend.existing_path")
 
@@ -69,16 +74,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    spec = SPECS["bench"]
     config = VllmConfig(model_config=ModelConfig(model=str(build_model("bench")), dtype="bfloat16"),
                         cache_config=CacheConfig(block_size=BLOCK_SIZE))
     results = {}
     with set_current_vllm_config(config):
-        for name, requests in SCENARIOS.items():
+        for (layer_name, spec), (scenario, requests) in itertools.product(LAYERS.items(), SCENARIOS.items()):
+            name = f"{layer_name}: {scenario}"
             print(f"profiling: {name} ...", file=sys.stderr, flush=True)
             r = results[name] = profile_scenario(requests, config, spec)
             p = r["parts_ms"]
-            print(f"{name:32s} step {r['step_ms']:7.2f} ms | build {p['build']:.2f} | pack+gather "
+            print(f"{name:42s} step {r['step_ms']:7.2f} ms | build {p['build']:.2f} | pack+gather "
                   f"{p['pfa_backend.pack_and_gather']:.2f} | operator {p['pfa_backend.operator']:.2f} (kernel "
                   f"{p['_C::cpu_attention_with_kv_cache']:.2f}, decode included) | decode "
                   f"{p['pfa_backend.existing_path']:.2f} | unpack {p['pfa_backend.unpack']:.2f} ms | "
@@ -91,7 +96,7 @@ def main() -> None:
                  [f"{name}\n(overhead {100 * r['backend_overhead_share']:.1f}%)" for name, r in results.items()],
                  {label: [r["parts_ms"][key] for r in results.values()] for label, key in shown.items()},
                  ylabel="ms per step (one layer)", title="Where a step's attention time goes in the PFA backend",
-                 figsize=(10, 5))
+                 figsize=(14, 5))
     print(f"wrote {args.out / 'profile_backend.json'} and {args.out / 'profile_backend.png'}")
 
 
