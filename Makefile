@@ -1,6 +1,6 @@
 PY := .venv/bin/python
 
-.PHONY: setup setup-vllm030 demo test test-fast bench-op bench-e2e profile-backend
+.PHONY: setup setup-vllm030 demo check test test-fast bench-op bench-e2e profile-backend
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -12,6 +12,10 @@ setup-vllm030: setup
 
 demo: setup
 	$(PY) -m vllm_pfa.demo
+
+# the one-command check users run on their own machine (README "First run on an Atlas server"), in its quick mode
+check: setup
+	$(PY) -m vllm_pfa.check --quick
 
 test: setup setup-vllm030
 	$(PY) -m pytest -q tests

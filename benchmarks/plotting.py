@@ -1,26 +1,9 @@
-"""What both benchmarks share: the grouped bar chart they write as PNG, and the CPU they ran on."""
+"""What the benchmarks share: the grouped bar chart they write as PNG, and the CPU they ran on (the package's own
+probe, which `python -m vllm_pfa.check` reports too)."""
 
-import os
-import platform
 from pathlib import Path
 
-# The instruction-set flags that decide which kernels can run (the matrix ones above all)
-ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
-             "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
-
-
-def cpu_info() -> dict:
-    """The CPU's model, core count and which of ISA_FLAGS it has (Linux /proc/cpuinfo)."""
-    model, flags = platform.processor(), set()
-    if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    return dict(model=model, cpus=os.cpu_count(), isa_flags=[f for f in ISA_FLAGS if f in flags])
-
+from vllm_pfa.check_env import cpu_info  # noqa: F401  (re-exported for the benchmarks)
 
 def grouped_bars(path: Path, labels: list[str], series: dict[str, list[float]], *, ylabel: str, title: str,
                  figsize: tuple[float, float], label_rotation: int = 0,

@@ -6,6 +6,7 @@ import math
 import torch
 from hypothesis import strategies as st
 
+from vllm_pfa.check_operator import make_qkv  # noqa: F401  (the package's builder, shared with the check)
 from vllm_pfa.ops import compressed_causal_mask, native_kernel
 
 LAYOUTS = ("BSH", "BSND", "BNSD", "BNSD_BSND")
@@ -21,18 +22,6 @@ def counting_native_runs(calls: list | None = None):
         yield calls
     finally:
         native_kernel.run = run
-
-
-def make_qkv(layout, batch, heads, kv_heads, q_seq, kv_seq, dim, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(n, s):
-        shape = {"BSH": (batch, s, n * dim), "BSND": (batch, s, n, dim)}.get(layout, (batch, n, s, dim))
-        if dtype == torch.int8:
-            return torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8)
-        return torch.randn(shape, generator=gen).to(dtype)
-
-    return rand(heads, q_seq), rand(kv_heads, kv_seq), rand(kv_heads, kv_seq)
 
 
 @st.composite
