@@ -49,13 +49,12 @@ def _expected(content, block_table, requests, kv_starts, kv_lens):
     return out
 
 
-def _plan(seq_lens, query_lens, first=0, window=None, block_table=None):
+def _plan(seq_lens, query_lens, first=0, window=None):
     query_start = [0]
     for q in query_lens:
         query_start.append(query_start[-1] + q)
     return plan_prefill(first=first, num_reqs=len(seq_lens), token_start=query_start[first], query_start=query_start,
-                        seq_lens_host=seq_lens, block_table=block_table, block_size=None,
-                        device=torch.device("cpu"), gather=None, sliding_window=window)
+                        seq_lens_host=seq_lens, device=torch.device("cpu"), sliding_window=window)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "interleaved", "heads_major", "separate"])
@@ -64,7 +63,7 @@ def test_gather_reads_every_layout_with_one_index_select_per_storage(layout):
     (key_cache, value_cache), heads_major = layouts[layout]
     block_table = torch.tensor([[4, 1, 7, 0], [2, 8, 0, 0], [5, 3, 6, 0]], dtype=torch.int32)
     seq_lens, query_lens = [40, 9, 33], [5, 9, 20]
-    plan = _plan(seq_lens, query_lens, block_table=block_table)
+    plan = _plan(seq_lens, query_lens)
     (indices,) = ascend_kv.build_call_indices(plan.calls, 0, torch.device("cpu"))
     geometry = ascend_kv.cache_geometry(key_cache, value_cache, heads_major=heads_major)
     assert geometry is not None and (geometry.value_base is None) == (layout == "separate")
@@ -102,7 +101,7 @@ def test_unaddressable_cache_has_no_geometry_and_is_gathered_by_index():
     strided.copy_(content)
     assert ascend_kv.cache_geometry(strided[0], strided[1], heads_major=False) is None
     block_table = torch.tensor([[3, 1]], dtype=torch.int32)
-    plan = _plan([20], [20], block_table=block_table)
+    plan = _plan([20], [20])
     (indices,) = ascend_kv.build_call_indices(plan.calls, 0, torch.device("cpu"))
     out = torch.empty(2, 20, KV_HEADS, HEAD)
     ascend_kv.gather_by_index(strided[0], strided[1], indices, block_table, heads_major=False, out=out)
@@ -127,7 +126,7 @@ def test_gather_matches_direct_indexing(requests, layout, window):
     for r, n in enumerate(blocks_needed):
         block_table[r, :n] = order[used:used + n].to(torch.int32)
         used += n
-    plan = _plan(seq_lens, query_lens, window=window, block_table=block_table)
+    plan = _plan(seq_lens, query_lens, window=window)
     geometry = ascend_kv.cache_geometry(key_cache, value_cache, heads_major=heads_major)
     (call,) = plan.calls
     (indices,) = ascend_kv.build_call_indices(plan.calls, 0, torch.device("cpu"))
@@ -146,7 +145,7 @@ def test_window_start_is_vllms_window():
 
 
 def test_query_and_output_indices_pack_and_unpack_the_rows():
-    plan = _plan([7, 3, 12], [7, 3, 5], block_table=torch.zeros(3, 1, dtype=torch.int32))
+    plan = _plan([7, 3, 12], [7, 3, 5])
     (indices,) = ascend_kv.build_call_indices(plan.calls, 0, torch.device("cpu"))
     rows = torch.arange(15.0)
     packed = rows[indices.query_index].view(3, 7)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vllm_pfa.backend import prefill
+from vllm_pfa.backend.staging import StagingBuffers
 from vllm_pfa.ops import cpu_kv_layout
 from vllm_pfa.ops.cpu_kv_layout import CpuKVLayout, split_kv_cache
 from vllm_pfa.ops.native_kernel import extension
@@ -58,14 +58,15 @@ def test_native_gather_rejects_bad_arguments():
 
 
 def test_staging_buffers_are_reused_and_grow():
-    staging = prefill._StagingBuffers()
+    staging = StagingBuffers()
     like = torch.zeros(1, dtype=torch.bfloat16)
-    first = staging.empty("keys", like, 2, 10, 4)
-    again = staging.empty("keys", like, 1, 5, 4)
+    first = staging.view("keys", like, 2, 10, 4)
+    again = staging.view("keys", like, 1, 5, 4)
     assert again.shape == (1, 5, 4) and again.data_ptr() == first.data_ptr()
-    bigger = staging.empty("keys", like, 4, 10, 4)
+    bigger = staging.view("keys", like, 4, 10, 4)
     assert bigger.shape == (4, 10, 4) and bigger.dtype == torch.bfloat16
-    assert staging.empty("keys", like.float(), 1, 5, 4).dtype == torch.float32
+    assert staging.view("keys", like.float(), 1, 5, 4).dtype == torch.float32
+    assert staging.reserved_bytes() == 160 * 2 + 20 * 4  # the grown bf16 buffer and the float32 one
 
 
 @pytest.mark.parametrize("block_size,dim", [(32, 64), (128, 128), (64, 64)])

@@ -33,7 +33,7 @@ from harness import (
     vllm_config,
 )
 from vllm_pfa.backend import ascend_attn
-from vllm_pfa.backend.ascend_kv import STAGING
+from vllm_pfa.backend.staging import STAGING
 from vllm_pfa.ops import api
 from vllm_pfa_patches.kv_cache import ascend_contiguous_pa_layout
 
@@ -148,6 +148,7 @@ def test_per_layer_work_is_one_gather_per_call_without_copying_the_cache(monkeyp
     with counter:
         impl._run_pfa(batch.query, batch.key, batch.value, metadata, output)  # a later layer of the step
     assert len(plan.calls) == 1 and indices[0].batch == 3
+    assert plan.gather is None and all(call.block_ids is None for call in plan.calls)  # no per-request block copies
     assert sorted(counter.ops) == sorted(["aten.index_select.out"] * 3), counter.ops  # query, K+V, output
     # the largest tensor written is the call's own K/V (nothing the size of a cache half is copied)
     assert counter.largest_output == 2 * indices[0].batch * indices[0].max_kv_len * case.num_kv_heads * case.head_size

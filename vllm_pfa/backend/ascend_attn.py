@@ -28,7 +28,7 @@ from vllm_ascend.attention.utils import using_paged_attention
 from vllm_ascend.distributed.kv_transfer.kv_pool.ascend_store.attention_fence import attention_transfer_window
 
 from vllm_pfa.backend import ascend_kv
-from vllm_pfa.backend.ascend_kv import STAGING, CallIndices
+from vllm_pfa.backend.ascend_kv import CallIndices
 from vllm_pfa.backend.prefill import (
     PFAPrefillPlan,
     check_layer,
@@ -38,6 +38,7 @@ from vllm_pfa.backend.prefill import (
     pfa_arguments,
     plan_prefill,
 )
+from vllm_pfa.backend.staging import STAGING
 from vllm_pfa.backend.stats import STATS
 from vllm_pfa.log import init_logger
 from vllm_pfa.ops import npu_prompt_flash_attention
@@ -114,8 +115,8 @@ class PFAAscendMetadataBuilder(AscendAttentionMetadataBuilder):
                                      f"but a sequence length of {seq_len}")
             plan = plan_prefill(
                 first=first, num_reqs=end, token_start=query_start[first], query_start=query_start,
-                seq_lens_host=[0] * first + exact, block_table=block_table, block_size=None, device=self.device,
-                gather=None, group=self.pfa_group, sliding_window=self.pfa_window if cm.causal else None)
+                seq_lens_host=[0] * first + exact, device=self.device, group=self.pfa_group,
+                sliding_window=self.pfa_window if cm.causal else None)
             extra["pfa_prefill"] = plan
             extra["pfa_indices"] = ascend_kv.build_call_indices(plan.calls, first, self.device)
         return extra
@@ -149,7 +150,7 @@ class PFAAscendAttentionImpl(AscendAttentionBackendImpl):
         self._reserve_staging()
 
     def _reserve_staging(self) -> None:
-        """The worst case of one call's packed query and gathered K/V, reserved now (see ascend_kv.DeviceStaging)."""
+        """The worst case of one call's packed query and gathered K/V, reserved now (see the staging module)."""
         device = _staging_device()
         if device is None:
             return

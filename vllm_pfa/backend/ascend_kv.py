@@ -175,34 +175,3 @@ def gather_by_index(key_cache: torch.Tensor, value_cache: torch.Tensor, indices:
     offsets = positions % block_size
     for half, cache in enumerate((key_cache, value_cache)):
         out[half] = cache[blocks, :, offsets] if heads_major else cache[blocks, offsets]
-
-
-class DeviceStaging:
-    """Persistent device buffers for the packed query and the gathered K/V, shared by every layer (a stream runs
-    the layers in order, so one buffer serves them all).
-
-    Reserved at their worst-case size when the first PFA layer is built: vllm-ascend builds the model before its
-    profile run, so these bytes are in the memory that run measures and the KV cache is sized around them. The
-    builder's budgets (`consecutive_within_budget`) keep every call within them; a larger need (never planned)
-    grows the buffer rather than fail."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
-
-    def reserve(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (name, dtype, device)
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() < numel:
-            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-        return buffer
-
-    def reserved_bytes(self, device: torch.device | None = None) -> int:
-        return sum(b.numel() * b.element_size() for (_, _, d), b in self._buffers.items()
-                   if device is None or d == device)
-
-    def view(self, name: str, like: torch.Tensor, *shape: int) -> torch.Tensor:
-        numel = int(np.prod(shape))
-        return self.reserve(name, numel, like.dtype, like.device)[:numel].view(shape)
-
-
-STAGING = DeviceStaging()

@@ -31,7 +31,6 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_pfa.backend.prefill import (
     PFAPrefillPlan,
-    has_cached_context,
     check_layer,
     leading_rows,
     mask_arguments,
@@ -147,23 +146,22 @@ class PFAMetadataBuilder(CPUAttentionMetadataBuilder):
         query_start = cm.query_start_loc_cpu.tolist()
         # Host copies only: on CPU seq_lens is host memory; elsewhere vLLM's host upper bound is exact for prefills.
         seq_lens_host = (cm.seq_lens if cm.seq_lens.device.type == "cpu" else cm.seq_lens_cpu_upper_bound).tolist()
-        with_context = num_prefills and has_cached_context(num_decodes, cm.num_reqs, query_start, seq_lens_host)
-        if with_context and self.is_encoder_only_attention:
-            raise ValueError("encoder-only attention has no KV cache to read context from")
-        if self.cache_layout is None and (with_context or (num_prefills and self.has_kv_sharing_layers)):
-            STATS.existing_path_prefill_tokens += num_prefill_tokens
-            num_decodes, num_decode_tokens, num_prefills = cm.num_reqs, cm.num_actual_tokens, 0
-        existing_path = None
-        if num_decodes:
-            existing_path = super().build(
-                common_prefix_len, _leading_requests(cm, num_decodes, num_decode_tokens, seq_lens_host), fast_build)
         prefill = None
         if num_prefills:
             prefill = plan_prefill(
                 first=num_decodes, num_reqs=cm.num_reqs, token_start=num_decode_tokens, query_start=query_start,
-                seq_lens_host=seq_lens_host, block_table=cm.block_table_tensor, block_size=self.block_size,
-                device=self.device, gather=None if self.cache_layout is None else self.cache_layout.gather,
+                seq_lens_host=seq_lens_host, device=self.device, block_table=cm.block_table_tensor,
+                block_size=self.block_size, gather=None if self.cache_layout is None else self.cache_layout.gather,
                 group=lambda query_lens, _: own_calls_then_rest(query_lens, self.own_call_min_tokens))
+            if prefill.has_context and self.is_encoder_only_attention:
+                raise ValueError("encoder-only attention has no KV cache to read context from")
+            if self.cache_layout is None and (prefill.has_context or self.has_kv_sharing_layers):
+                STATS.existing_path_prefill_tokens += num_prefill_tokens
+                num_decodes, num_decode_tokens, prefill = cm.num_reqs, cm.num_actual_tokens, None
+        existing_path = None
+        if num_decodes:
+            existing_path = super().build(
+                common_prefix_len, _leading_requests(cm, num_decodes, num_decode_tokens, seq_lens_host), fast_build)
         STATS.log_step(num_decode_tokens, 0 if prefill is None else prefill.num_tokens)
         return PFAMetadata(
             num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len, query_start_loc=cm.query_start_loc,

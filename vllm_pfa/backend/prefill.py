@@ -4,13 +4,13 @@ requests, in which calls, with which lengths) and the layer checks, for both pla
 vLLM's paged cache (`KVGather`). The Ascend adapter runs its plans on the device itself (ascend_attn, ascend_kv).
 """
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.profiler import record_function
 
+from vllm_pfa.backend.staging import STAGING
 from vllm_pfa.backend.stats import STATS
 from vllm_pfa.ops import compressed_causal_mask, native_kernel, npu_prompt_flash_attention
 from vllm_pfa.ops.validation import check_heads
@@ -35,9 +35,10 @@ class PFACall:
     query_lens: list[int]  # actual_seq_lengths
     seq_lens: list[int]  # context + new tokens
     query_starts: list[int]  # per request, relative to the plan's token_start
-    # per request: its block-table entries covering the whole sequence (the gather reads the blocks it needs: the
-    # cached context, or every token for a layer that shares another layer's K/V)
-    block_ids: list[torch.Tensor]
+    # CPU, per request: its block-table entries covering the whole sequence (the gather reads the blocks it needs:
+    # the cached context, or every token for a layer that shares another layer's K/V); None on Ascend, whose
+    # adapter reads K/V through its own per-step indices (ascend_kv)
+    block_ids: list[torch.Tensor] | None
     # per request: the first key the call reads (a sliding window's layers need none before it); 0 elsewhere
     kv_starts: list[int]
 
@@ -71,18 +72,19 @@ class PFAPrefillPlan:
     num_tokens: int
     calls: list[PFACall]
     atten_mask: torch.Tensor  # the cached compressed causal mask
-    # reads K/V back from this group's cache (None: layout not readable; the builder then plans no prefill that
-    # reads the cache)
+    # CPU: reads K/V back from this group's cache (None: layout not readable, and then no call may read the cache;
+    # always None on Ascend)
     gather: KVGather | None
+
+    @property
+    def has_context(self) -> bool:
+        """Whether a call reads keys that are not among the step's new tokens (cached context)."""
+        return any(call.has_context for call in self.calls)
 
 
 def leading_rows(tokens: torch.Tensor | None, count: int) -> torch.Tensor | None:
     """The first `count` rows; None stays None (a layer sharing another layer's K/V gets none of its own)."""
     return None if tokens is None else tokens[:count]
-
-
-def has_cached_context(first: int, num_reqs: int, query_start: list[int], seq_lens: list[int]) -> bool:
-    return any(seq_lens[r] > query_start[r + 1] - query_start[r] for r in range(first, num_reqs))
 
 
 def own_calls_then_rest(query_lens: dict[int, int], own_call_min_tokens: int | None) -> list[list[int]]:
@@ -119,15 +121,15 @@ def window_start(seq_len: int, query_len: int, sliding_window: int | None) -> in
 
 
 def plan_prefill(*, first: int, num_reqs: int, token_start: int, query_start: list[int], seq_lens_host: list[int],
-                 block_table: torch.Tensor, block_size: int | None, device: torch.device, gather: KVGather | None,
+                 device: torch.device, block_table: torch.Tensor | None = None, block_size: int | None = None,
+                 gather: KVGather | None = None,
                  group: Callable[[dict[int, int], dict[int, int]], list[list[int]]] | None = None,
                  sliding_window: int | None = None) -> PFAPrefillPlan:
     """The plan for requests [first, num_reqs), from host-side lengths only (`seq_lens_host[r]`, exact).
 
-    Each request keeps the block-table entries that cover its sequence; with `block_size=None` (a platform whose
-    cache blocks are smaller than the spec's, known only from the cache) its whole row, for the gather to take what
-    its cache's block size needs. `group(query_lens, kv_lens)` splits the requests into calls (default: one call);
-    with `sliding_window` (causal layers of one window) each request reads keys from its window's start only.
+    With a `block_table` (CPU: the gather reads the cache by blocks of `block_size` tokens) each request keeps the
+    entries that cover its sequence. `group(query_lens, kv_lens)` splits the requests into calls (default: one
+    call); with `sliding_window` (causal layers of one window) each request reads keys from its window's start only.
     """
     requests = range(first, num_reqs)
     query_len = {r: query_start[r + 1] - query_start[r] for r in requests}
@@ -138,8 +140,8 @@ def plan_prefill(*, first: int, num_reqs: int, token_start: int, query_start: li
         PFACall(
             query_lens=[query_len[r] for r in members], seq_lens=[seq_lens_host[r] for r in members],
             query_starts=[query_start[r] - token_start for r in members],
-            block_ids=[block_table[r, : None if block_size is None else -(-seq_lens_host[r] // block_size)]
-                       .to(torch.long) for r in members],
+            block_ids=None if block_table is None else
+            [block_table[r, : -(-seq_lens_host[r] // block_size)].to(torch.long) for r in members],
             kv_starts=[kv_start[r] for r in members],
         )
         for members in groups
@@ -181,35 +183,14 @@ def mask_arguments(sliding_window: int | None, causal: bool = True) -> dict:
                 next_tokens=0 if causal else sliding_window - 1)
 
 
-class _StagingBuffers:
-    """Host buffers for the packed query and K/V, reused by every layer and step.
-
-    A fresh multi-MB CPU tensor per layer costs a page fault per 4 KiB: measured, about a third of the pack/gather
-    time of a 512-token chunk. Each buffer only grows, to the largest step seen; its padding rows are left
-    uninitialized (the CPU implementation never reads past actual_seq_lengths(_kv)). The Ascend adapter has its own
-    device buffers (ascend_kv.DeviceStaging).
-    """
-
-    def __init__(self) -> None:
-        self._flat: dict[str, torch.Tensor] = {}
-
-    def empty(self, name: str, like: torch.Tensor, *shape: int) -> torch.Tensor:
-        numel = math.prod(shape)
-        flat = self._flat.get(name)
-        if flat is None or flat.numel() < numel or flat.dtype != like.dtype or flat.device != like.device:
-            flat = self._flat[name] = like.new_empty(numel)
-        return flat[:numel].view(shape)
-
-
-_STAGING = _StagingBuffers()
 
 
 def _pack(tokens: torch.Tensor, call: PFACall, name: str) -> torch.Tensor:
-    """[T, heads, D] new tokens -> [B, max_query_len, heads, D] (BSND), padded on the right (see _StagingBuffers)."""
+    """[T, heads, D] new tokens -> [B, max_query_len, heads, D] (BSND), padded on the right (staging buffers)."""
     if call.num_requests == 1:
         start = call.query_starts[0]
         return tokens[start:start + call.query_lens[0]].contiguous().unsqueeze(0)
-    packed = _STAGING.empty(name, tokens, call.num_requests, call.max_query_len, *tokens.shape[1:])
+    packed = STAGING.view(name, tokens, call.num_requests, call.max_query_len, *tokens.shape[1:])
     for i, (start, n) in enumerate(zip(call.query_starts, call.query_lens)):
         packed[i, :n] = tokens[start:start + n]
     return packed
@@ -224,7 +205,7 @@ def _key_values(key, value, kv_cache, call: PFACall, gather: KVGather | None, li
     if not shared and not call.has_context:
         return _pack(key, call, "keys"), _pack(value, call, "values")
     shape = (call.num_requests, call.max_seq_len, *kv_token_shape)
-    keys, values = _STAGING.empty("keys", like, *shape), _STAGING.empty("values", like, *shape)
+    keys, values = STAGING.view("keys", like, *shape), STAGING.view("values", like, *shape)
     for i, (start, n, seq_len, block_ids) in enumerate(
             zip(call.query_starts, call.query_lens, call.seq_lens, call.block_ids)):
         cached = seq_len if shared else seq_len - n
