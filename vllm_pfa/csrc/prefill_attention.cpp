@@ -79,6 +79,7 @@ struct Problem {
   const int64_t* out_starts;  // per batch, the out position of its query row 0 (out has B = 1); null: out's batches
   int64_t heads, kv_heads, head_dim, padded_dim;
   float score_scale;  // scale_value * log2(e)
+  bool bf16_instructions;  // the CPU has AVX512-BF16 (its fp32 -> bf16 conversion)
 };
 
 struct BatchBand {
@@ -88,7 +89,9 @@ struct BatchBand {
 };
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+// avx512bf16 only for the one conversion instruction used where the CPU has it (WeightFormat::kBFloat16Instruction);
+// nothing else in this section may use it.
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")
 
 namespace kernel {
 
@@ -311,40 +314,90 @@ void products_16bit(const Problem& p, int64_t m_rows, int64_t n_cols, int64_t de
   }
 }
 
+// How the 16-bit path forms P: 2^x over x in [-126, 0] and the rounding to the input dtype. P is rounded to the input
+// dtype anyway, so the polynomial only needs to be well inside half a unit of that dtype's last place: degree 4 for
+// bf16 (relative error 2.7e-6, half an ulp 2^-9), degree 5 for fp16 (2.3e-7, half an ulp 2^-11), fitted on
+// [-0.5, 0.5] (minimax by reweighted least squares), against degree 7 for the fp32 path. 2^0 still rounds to
+// exactly 1. With AVX512-BF16, one VCVTNEPS2BF16 rounds to nearest even (its denormal flush never applies: weights
+// are 0 or >= 2^-126).
+enum class WeightFormat : int { kFloat16, kBFloat16, kBFloat16Instruction };
+
+template <WeightFormat kFormat>
+inline __m512 exp2_weights(__m512 x) {
+  __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
+  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(x, n);
+  __m512 p;
+  if constexpr (kFormat == WeightFormat::kFloat16) {
+    p = _mm512_set1_ps(1.327483681961894e-03f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.67552699148655e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550718307495117e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022120237350464e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  } else {
+    p = _mm512_set1_ps(9.568454697728157e-03f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.591772124171257e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4024786055088043e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931218504905701e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999992251396179e-01f));
+  }
+  return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+template <WeightFormat kFormat>
+inline __m256i narrow_weights(__m512 x) {
+  if constexpr (kFormat == WeightFormat::kFloat16) return narrow16(x, ElementType::kFloat16);
+  if constexpr (kFormat == WeightFormat::kBFloat16) return narrow16(x, ElementType::kBFloat16);
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+}
+
 // One row's online-softmax step over one key block, for the 16-bit products with a positive scale (every real
 // model): the block max is taken over the raw fp32 products (scaling by s > 0 keeps their order) and each weight is
 // exp2(round(x * s) - round(max * s)), so the scores are read twice and never written back (the general path
 // scales and stores them first); a row that keeps every column of [score_lo, score_hi), all but the diagonal
 // blocks of a causal row, skips the column masks. Measured on AMX (2 cores), where the products are cheap and this
-// loop is most of the kernel's time. Returns false, having changed nothing, where the general path must decide: a
-// NaN or inf among the kept scores, a NaN row state, a scaled max that overflows.
-inline bool softmax_row_positive_scale(const float* row, uint16_t* probs, int64_t lo, int64_t hi, int64_t score_lo,
-                                       int64_t score_hi, float scale_value, ElementType type, float* row_max,
-                                       float* row_sum, float* alpha) {
-  const __m512 neg_inf = _mm512_set1_ps(-kInf);
-  __m512 vmax = neg_inf;
-  __mmask16 nonfinite = 0;
+// loop is most of the kernel's time: per 16 scores one load, max and add in the first pass, and in the second a
+// load-multiply, a subtraction, the polynomial, the rounding, a store and the sum. Returns false, having changed
+// nothing, where the general path must decide: a NaN or inf among the kept scores (their sum is not finite: a
+// huge finite sum is sent there too, harmlessly), a NaN row state, a scaled max that overflows.
+template <WeightFormat kFormat>
+bool softmax_row_positive_scale(const float* row, uint16_t* probs, int64_t lo, int64_t hi, int64_t score_lo,
+                                int64_t score_hi, float scale_value, float* row_max, float* row_sum, float* alpha) {
+  constexpr ElementType type = kFormat == WeightFormat::kFloat16 ? ElementType::kFloat16 : ElementType::kBFloat16;
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 vmax = _mm512_set1_ps(-kInf), vcheck = zero;
   for (int64_t c = lo; c < hi; c += 16) {
     const __mmask16 m = tail_mask(hi - c);
-    const __m512 x = _mm512_mask_loadu_ps(neg_inf, m, row + c);
-    nonfinite |= _mm512_mask_cmp_ps_mask(m, _mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_NEQ_UQ);  // NaN, +-inf
-    vmax = _mm512_max_ps(vmax, x);
+    const __m512 x = _mm512_maskz_loadu_ps(m, row + c);
+    vcheck = _mm512_add_ps(vcheck, x);
+    vmax = _mm512_mask_max_ps(vmax, m, vmax, x);
   }
   const float old_max = *row_max, block_max = _mm512_reduce_max_ps(vmax) * scale_value;
-  if (nonfinite || std::isnan(old_max) || !std::isfinite(block_max)) return false;
+  if (!std::isfinite(_mm512_reduce_add_ps(vcheck)) || std::isnan(old_max) || !std::isfinite(block_max)) {
+    return false;
+  }
   const float new_max = std::max(old_max, block_max);
-  const __m512 scale = _mm512_set1_ps(scale_value), shift = _mm512_set1_ps(new_max), zero = _mm512_setzero_ps();
+  const __m512 scale = _mm512_set1_ps(scale_value), shift = _mm512_set1_ps(new_max);
+  // bf16 pairs (1, 1): with AVX512-BF16 one dot product adds a vector of rounded weights to the sum
+  const __m512i ones = _mm512_set1_epi16(0x3F80);
   __m512 vsum = zero;
   auto weights = [&](int64_t c, __mmask16 kept) {
-    // round(x * s) - round(max * s), two roundings as in the general path: the row's max weighs exactly 1. A fused
-    // x * s - max * s would leave the product's rounding error, which for huge scores is a huge negative number
-    // (exp2 of it: 0); the empty asm keeps the compiler from contracting the two into an FMA.
+    // round(x * s) - round(max * s), two roundings as in the general path: the row's max weighs exactly 1, and a
+    // kept column's argument is <= 0 (rounding is monotonic). A fused x * s - max * s would leave the product's
+    // rounding error, which for huge scores is a huge negative number (exp2 of it: 0); the empty asm keeps the
+    // compiler from contracting the two into an FMA. Columns not kept may hold anything: masked to 0 after exp2.
     __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(row + c), scale);
     __asm__("" : "+v"(scaled));
-    const __m512 x = _mm512_min_ps(_mm512_sub_ps(scaled, shift), zero);
-    const __m256i narrow = narrow16(_mm512_maskz_mov_ps(kept, exp2_nonpositive(x)), type);
+    const __m256i narrow =
+        narrow_weights<kFormat>(_mm512_maskz_mov_ps(kept, exp2_weights<kFormat>(_mm512_sub_ps(scaled, shift))));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + c), narrow);
-    vsum = _mm512_add_ps(vsum, widen_half(_mm512_cvtepu16_epi32(narrow), false, type));
+    if constexpr (kFormat == WeightFormat::kBFloat16Instruction) {
+      vsum = _mm512_dpbf16_ps(vsum, reinterpret_cast<__m512bh>(_mm512_zextsi256_si512(narrow)),
+                              reinterpret_cast<__m512bh>(ones));
+    } else {
+      vsum = _mm512_add_ps(vsum, widen_half(_mm512_cvtepu16_epi32(narrow), false, type));
+    }
   };
   if (lo <= score_lo && hi >= score_hi) {
     for (int64_t c = score_lo; c < score_hi; c += 16) weights(c, __mmask16(0xFFFF));
@@ -424,8 +477,15 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
     }
     s.row_max[r] = -kInf;
     s.row_sum[r] = 0.0f;
-    for (int64_t d = 0; d < dp; d += 16) _mm512_storeu_ps(s.acc + r * dp + d, _mm512_setzero_ps());
+    if constexpr (!kMatrix) {  // the 16-bit path's first P V writes acc without reading it
+      for (int64_t d = 0; d < dp; d += 16) _mm512_storeu_ps(s.acc + r * dp + d, _mm512_setzero_ps());
+    }
   }
+  bool acc_written = !kMatrix;
+  auto zero_acc = [&] {
+    for (int64_t i = 0; i < padded_rows * dp; i += 16) _mm512_storeu_ps(s.acc + i, _mm512_setzero_ps());
+    acc_written = true;
+  };
   const __m512 neg_inf = _mm512_set1_ps(-kInf);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const int64_t tiles = padded_rows / kRowTile;
@@ -493,10 +553,14 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
         s.alpha[r] = 1.0f;
         continue;
       }
-      if (kMatrix && p.score_scale > 0.0f &&
-          softmax_row_positive_scale(row, probs, lo, hi, score_lo, score_hi, p.score_scale, p.type, s.row_max + r,
-                                     s.row_sum + r, s.alpha + r)) {
-        continue;
+      if (kMatrix && p.score_scale > 0.0f) {
+        const auto softmax = p.type == ElementType::kFloat16 ? softmax_row_positive_scale<WeightFormat::kFloat16>
+                             : p.bf16_instructions ? softmax_row_positive_scale<WeightFormat::kBFloat16Instruction>
+                                                   : softmax_row_positive_scale<WeightFormat::kBFloat16>;
+        if (softmax(row, probs, lo, hi, score_lo, score_hi, p.score_scale, s.row_max + r, s.row_sum + r,
+                    s.alpha + r)) {
+          continue;
+        }
       }
       __m512 vmax = neg_inf;
       __mmask16 nan = 0;
@@ -543,6 +607,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
     if (nonfinite_values) {
       // A NaN or +-inf value in the block: each row sums only the keys it keeps (a product over a masked key would
       // give 0 x inf = NaN, and what a row does not keep is never read). Rare, so simple.
+      if (!acc_written) zero_acc();
       for (int64_t r = 0; r < padded_rows; ++r) {
         const int64_t lo = std::max(s.lo[r] - block_start, int64_t(0));
         const int64_t hi = std::min(s.hi[r] - block_start, int64_t(kKeyBlock));
@@ -563,8 +628,9 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
         }
       }
     } else if constexpr (kMatrix) {
-      // acc = alpha * acc + P V: the rescale here, then one accumulating brgemm of all rows.
-      for (int64_t r = 0; r < padded_rows; ++r) {
+      // acc = alpha * acc + P V: the rescale here, then one accumulating brgemm of all rows; the first block's
+      // brgemm writes acc (every row's acc is 0 before it, and a row with no kept key has P = 0).
+      for (int64_t r = 0; acc_written && r < padded_rows; ++r) {
         if (s.alpha[r] == 1.0f) continue;
         const __m512 alpha = _mm512_set1_ps(s.alpha[r]);
         for (int64_t d = 0; d < dp; d += 16) {
@@ -572,8 +638,9 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
         }
       }
       const uint16_t* vb = static_cast<const uint16_t*>(value) + (block_start + block_lo) * dp;
-      products_16bit(p, padded_rows, dp, block_hi - block_lo, kKeyBlock, dp, dp, true, s.probs16 + block_lo, vb,
-                     s.acc);
+      products_16bit(p, padded_rows, dp, block_hi - block_lo, kKeyBlock, dp, dp, acc_written, s.probs16 + block_lo,
+                     vb, s.acc);
+      acc_written = true;
     } else {
       // acc = alpha * acc + P V, one 64-wide panel of V at a time (L1-resident across the row tiles).
       const float* vb = static_cast<const float*>(value) + block_start * dp;
@@ -590,6 +657,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
     }
   }
   if (kMatrix && p.products == Products::kInputType) at::native::cpublas::brgemm_release();
+  if (!acc_written) zero_acc();  // no key block: every row is empty
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t pos = first + r / group;
     const int64_t head = kv_head * group + r % group;
@@ -784,7 +852,7 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   }
   Problem p{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), qs, ks, vs, os, type,
             parse_products(products, type), out_starts.empty() ? nullptr : out_starts.data(), heads, kv_heads, head_dim, (head_dim + 15) / 16 * 16,
-            static_cast<float>(scale * M_LOG2E)};
+            static_cast<float>(scale * M_LOG2E), __builtin_cpu_supports("avx512bf16") != 0};
   const bool matrix = p.products != Products::kFloat32;
   const int64_t group = heads / kv_heads;
   const int64_t positions_per_block = std::max<int64_t>(1, kRowsPerQueryBlock / group);
