@@ -44,7 +44,8 @@ def _op_with_products(products, q, k, v, kwargs, monkeypatch):
 @given(data=st.data())
 def test_16bit_products_match_reference(products, dtypes, data):
     """The 16-bit path (VNNI packing, block-wide products, P rounded to the input dtype), emulated with AVX-512F on
-    every AVX-512 CPU and on the instructions where the CPU has them, within the reference tests' tolerances."""
+    every AVX-512 CPU (P rounded by AVX-512F code) and on the instructions where the CPU has them (P rounded by
+    AVX512-BF16's conversion), within the reference tests' tolerances."""
     q, k, v, kwargs = data.draw(problems(dtypes=dtypes, head_dims=(16, 40, 64, 128), max_seq=300))
     if not _native_eligible(kwargs):
         return
@@ -55,7 +56,8 @@ def test_16bit_products_match_reference(products, dtypes, data):
 
 @pytest.mark.skipif(not _has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")
 def test_emulation_agrees_with_the_instructions():
-    """Exact products, fp32 sums: the two differ only in the order of the sums (and so in rounding)."""
+    """Exact products, fp32 sums: the two differ only in the order of the sums (and so in rounding); P is rounded by
+    AVX512-BF16's conversion in one and by AVX-512F code in the other, to the same values."""
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 700, 8, 128, generator=gen).bfloat16() for _ in range(3))
     kwargs = dict(num_heads=8, input_layout="BSND", scale_value=128 ** -0.5, sparse_mode=3,

@@ -79,7 +79,7 @@ struct Problem {
   const int64_t* out_starts;  // per batch, the out position of its query row 0 (out has B = 1); null: out's batches
   int64_t heads, kv_heads, head_dim, padded_dim;
   float score_scale;  // scale_value * log2(e)
-  bool bf16_instructions;  // the CPU has AVX512-BF16 (its fp32 -> bf16 conversion)
+  bool bf16_instructions;  // round P with AVX512-BF16 (the CPU has it, and the products are not emulated)
 };
 
 struct BatchBand {
@@ -852,7 +852,9 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   }
   Problem p{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), qs, ks, vs, os, type,
             parse_products(products, type), out_starts.empty() ? nullptr : out_starts.data(), heads, kv_heads, head_dim, (head_dim + 15) / 16 * 16,
-            static_cast<float>(scale * M_LOG2E), __builtin_cpu_supports("avx512bf16") != 0};
+            static_cast<float>(scale * M_LOG2E), false};
+  // The emulated products keep the AVX-512F rounding: on a CPU with AVX512-BF16 the tests compare both roundings.
+  p.bf16_instructions = p.products == Products::kInputType && __builtin_cpu_supports("avx512bf16");
   const bool matrix = p.products != Products::kFloat32;
   const int64_t group = heads / kv_heads;
   const int64_t positions_per_block = std::max<int64_t>(1, kRowsPerQueryBlock / group);
