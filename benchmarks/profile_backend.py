@@ -3,6 +3,11 @@
 heads, head_dim 128) and of the embedded SmolLM2-135M-Instruct's (9 query heads, 3 kv heads, head_dim 64), bf16,
 real vLLM builders and cache, torch.profiler ranges.
 
+Then attention's share of the whole model's time, end to end: the embedded model on bench_e2e.py's prefill-heavy
+workload, each backend in a process of its own (attention_share_run.py), timing the attention layers' forward calls
+inside the generate call. The share bounds what any attention kernel can gain end to end (Amdahl: CPU_ATTN's
+generate time over its time without attention).
+
     python benchmarks/profile_backend.py [--out benchmarks/results]
 """
 
@@ -10,6 +15,7 @@ import argparse
 import itertools
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +30,7 @@ from vllm_pfa.backend.pfa_attn import PFAAttentionImpl, PFAMetadataBuilder
 from vllm_pfa.model_builder import build_model
 from vllm_pfa.testing import make_paged_batch
 
+from bench_e2e import WORKLOADS
 from plotting import cpu_info, grouped_bars
 
 BLOCK_SIZE = 128
@@ -69,6 +76,35 @@ def profile_scenario(requests, config, spec, repeats=5) -> dict:
                 backend_overhead_share=overhead / step_ms)
 
 
+SHARE_RUN = Path(__file__).parent / "attention_share_run.py"
+SHARE_WORKLOAD = "embedded_prefill_heavy"
+
+
+def attention_share(dtype: str = "bfloat16") -> dict:
+    """Both backends' generate time and the part of it spent in attention layers, on bench_e2e's embedded
+    prefill-heavy workload; checks that each ran the workload through the backend it names."""
+    w = WORKLOADS[SHARE_WORKLOAD]
+    runs = {}
+    for backend in ("CPU_ATTN", "pfa"):
+        print(f"attention share: {backend}, SmolLM2 {w['input_len']}/{w['output_len']} x {w['num_prompts']} ...",
+              file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, str(SHARE_RUN), backend, dtype, str(w["num_prompts"]),
+                               str(w["input_len"]), str(w["output_len"])], capture_output=True, text=True,
+                              timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{backend} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        run = runs[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
+        if (run["prompt_tokens"] != w["num_prompts"] * w["input_len"]
+                or run["output_tokens"] != w["num_prompts"] * w["output_len"] or run["attention_calls"] == 0):
+            raise RuntimeError(f"{backend} did not run the workload through its attention layers: {run}")
+        run["attention_share"] = run["attention_seconds"] / run["seconds"]
+    base, pfa = runs["CPU_ATTN"], runs["pfa"]
+    return dict(workload=dict(w, name=SHARE_WORKLOAD, dtype=dtype), runs=runs,
+                e2e_ratio_pfa_vs_cpu_attn=base["seconds"] / pfa["seconds"],
+                attention_ratio_pfa_vs_cpu_attn=base["attention_seconds"] / pfa["attention_seconds"],
+                amdahl_bound=base["seconds"] / (base["seconds"] - base["attention_seconds"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -88,7 +124,6 @@ def main() -> None:
                   f"{p['_C::cpu_attention_with_kv_cache']:.2f}, decode included) | decode "
                   f"{p['pfa_backend.existing_path']:.2f} | unpack {p['pfa_backend.unpack']:.2f} ms | "
                   f"backend overhead {100 * r['backend_overhead_share']:.1f}%", flush=True)
-    (args.out / "profile_backend.json").write_text(json.dumps(dict(cpu=cpu_info(), scenarios=results), indent=1))
     shown = {"metadata build": "build", "pack + gather": "pfa_backend.pack_and_gather",
              "PFA operator": "pfa_backend.operator", "decode (existing path)": "pfa_backend.existing_path",
              "unpack": "pfa_backend.unpack"}
@@ -97,7 +132,25 @@ def main() -> None:
                  {label: [r["parts_ms"][key] for r in results.values()] for label, key in shown.items()},
                  ylabel="ms per step (one layer)", title="Where a step's attention time goes in the PFA backend",
                  figsize=(14, 5))
-    print(f"wrote {args.out / 'profile_backend.json'} and {args.out / 'profile_backend.png'}")
+    share = attention_share()
+    for backend, run in share["runs"].items():
+        print(f"SmolLM2 {share['workload']['input_len']}/{share['workload']['output_len']} bf16, {backend:8s}: generate "
+              f"{run['seconds']:.2f} s, attention {run['attention_seconds']:.2f} s "
+              f"({100 * run['attention_share']:.1f}% of it)")
+    print(f"PFA vs CPU_ATTN: attention {share['attention_ratio_pfa_vs_cpu_attn']:.2f}x, end to end "
+          f"{share['e2e_ratio_pfa_vs_cpu_attn']:.2f}x; CPU_ATTN without attention would be "
+          f"{share['amdahl_bound']:.2f}x (the bound on any attention kernel's end-to-end gain here)")
+    (args.out / "profile_backend.json").write_text(
+        json.dumps(dict(cpu=cpu_info(), scenarios=results, attention_share=share), indent=1))
+    grouped_bars(args.out / "attention_share.png", list(share["runs"]),
+                 {"attention layers": [r["attention_seconds"] for r in share["runs"].values()],
+                  "rest of the model and engine": [r["seconds"] - r["attention_seconds"]
+                                                   for r in share["runs"].values()]},
+                 ylabel="seconds (generate call)", figsize=(7, 5),
+                 title=f"Embedded SmolLM2, random {share['workload']['input_len']}/{share['workload']['output_len']} "
+                       f"x {share['workload']['num_prompts']}, bf16: attention's share")
+    print(f"wrote {args.out / 'profile_backend.json'}, {args.out / 'profile_backend.png'} and "
+          f"{args.out / 'attention_share.png'}")
 
 
 if __name__ == "__main__":
