@@ -54,18 +54,27 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048) -> float:
     return 2 * n ** 3 / timeit(lambda: a @ b) / 1e9
 
 
-def reference_limits() -> dict:
-    """The limits the plot draws, measured in this run: the 16-bit matrix rate (torch.matmul bf16, oneDNN) and the
-    fp32 peak, the higher of an AVX-512 FMA loop (the native extension's probe) and oneDNN/MKL's fp32 GEMM."""
+def measure_limits() -> dict:
+    """One measurement of the limits: torch.matmul per dtype (oneDNN/MKL) and the native extension's FMA loop."""
     kernel = native_kernel.extension()
-    fma = kernel.fp32_fma_peak_gflops(1.0) if kernel else None
     gemm = {name: gemm_gflops(dtype) for name, dtype in
             (("bf16", torch.bfloat16), ("fp32", torch.float32))}
     gemm["fp16"] = gemm_gflops(torch.float16, n=1024)  # smaller: CPUs without fp16 instructions crawl here
+    return dict(gemm=gemm, fma=kernel.fp32_fma_peak_gflops(1.0) if kernel else None)
+
+
+def reference_limits(measurements: list[dict]) -> dict:
+    """The limits the plot draws, measured in this run (before and after the shapes; the higher of the two, since a
+    busy moment only lowers a rate): the 16-bit matrix rate (torch.matmul bf16, oneDNN) and the fp32 peak, the
+    higher of an AVX-512 FMA loop (the native extension's probe) and oneDNN/MKL's fp32 GEMM."""
+    gemm = {name: max(m["gemm"][name] for m in measurements) for name in measurements[0]["gemm"]}
+    fmas = [m["fma"] for m in measurements if m["fma"] is not None]
+    fma = max(fmas) if fmas else None
     fp32_peak = max(gemm["fp32"], fma or 0.0)
     lines = {"16-bit matrix rate: torch.matmul bf16 2048^3": gemm["bf16"],
              f"fp32 peak: {'AVX-512 FMA loop' if fp32_peak == fma else 'torch.matmul fp32 2048^3'}": fp32_peak}
-    return dict(gemm_gflops=gemm, fp32_fma_loop_gflops=fma, fp32_peak_gflops=fp32_peak, lines=lines)
+    return dict(gemm_gflops=gemm, fp32_fma_loop_gflops=fma, fp32_peak_gflops=fp32_peak, lines=lines,
+                measurements=measurements)
 
 
 def vllm_kernel_call(q, k, v, lens, scale):
@@ -166,27 +175,32 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     all_shapes = list(shapes(args.quick))
     cpu = cpu_info()
-    limits = reference_limits()
-    gemm = limits["gemm_gflops"]
     kernel = native_kernel.extension()
     products = {name: kernel.products_for(torch.zeros(1, dtype=dtype)) if kernel else None
                 for name, dtype in DTYPES.items()}
     print(f"{cpu['model']}, {cpu['cpus']} CPUs, {torch.get_num_threads()} threads; ISA: {' '.join(cpu['isa_flags'])}")
-    print(f"torch.matmul GFLOP/s: bf16 {gemm['bf16']:.0f}, fp16 {gemm['fp16']:.0f}, fp32 {gemm['fp32']:.0f}; "
-          f"AVX-512 FMA loop {limits['fp32_fma_loop_gflops'] or 0:.0f}; native kernel products: {products}")
+    print("measuring the limits (again after the shapes) ...", file=sys.stderr, flush=True)
+    measurements = [measure_limits()]
     results = []
-    print(f"{'shape':44s} {'PFA':>8s} {'kernel':>8s} {'SDPA':>8s} {'ref':>8s}  PFA/kernel  PFA/SDPA  PFA/GEMM "
-          f"(GFLOP/s)")
+    print(f"{'shape':44s} {'PFA':>8s} {'kernel':>8s} {'SDPA':>8s} {'ref':>8s}  PFA/kernel  PFA/SDPA (GFLOP/s)")
     for i, shape in enumerate(all_shapes, 1):
         print(f"[{i}/{len(all_shapes)}] {label(shape)} ...", end="\r", file=sys.stderr, flush=True)
         r = bench_shape(shape, with_reference=True)
-        r["pfa_share_of_gemm"] = r["gflops"]["pfa"] / gemm[r["dtype"]]  # of the same run's GEMM in its dtype
         results.append(r)
         g = r["gflops"]
         ref = f"{g['reference']:8.1f}" if "reference" in g else f"{'-':>8s}"
         print(f"{label(r):44s} {g['pfa']:8.1f} {g['vllm_cpu_kernel']:8.1f} {g['sdpa']:8.1f} {ref}  "
-              f"{r['ratio_pfa_vs_kernel']:9.2f}x {r['ratio_pfa_vs_sdpa']:8.2f}x {100 * r['pfa_share_of_gemm']:7.0f}%",
-              flush=True)
+              f"{r['ratio_pfa_vs_kernel']:9.2f}x {r['ratio_pfa_vs_sdpa']:8.2f}x", flush=True)
+    measurements.append(measure_limits())
+    limits = reference_limits(measurements)
+    gemm = limits["gemm_gflops"]
+    print("torch.matmul GFLOP/s, before / after the shapes: " + ", ".join(
+        f"{name} {measurements[0]['gemm'][name]:.0f} / {measurements[1]['gemm'][name]:.0f}" for name in gemm)
+        + f"; AVX-512 FMA loop {limits['fp32_fma_loop_gflops'] or 0:.0f}; native kernel products: {products}")
+    print("PFA as a share of this run's GEMM rate in its dtype (the higher of the two measurements):")
+    for r in results:
+        r["pfa_share_of_gemm"] = r["gflops"]["pfa"] / gemm[r["dtype"]]
+        print(f"  {label(r):44s} {100 * r['pfa_share_of_gemm']:4.0f}%")
     ratios = [r["ratio_pfa_vs_kernel"] for r in results]
     by_dtype = {name: statistics.geometric_mean([r["ratio_pfa_vs_kernel"] for r in results if r["dtype"] == name])
                 for name in DTYPES if any(r["dtype"] == name for r in results)}
