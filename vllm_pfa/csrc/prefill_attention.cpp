@@ -30,7 +30,7 @@
 // K/V ~2%, threading ~2%; the kernel reaches ~30-43% of torch.matmul's bf16 rate there and 0.53-0.80x vLLM's AMX
 // kernel (benchmarks/bench_op.py). Cutting the softmax step's instructions by about a third (softmax_row_positive_
 // scale: 3 per 16 scores in the first pass, 16 in the second) and the first block's accumulator pass moved no
-// shape by more than 2% in an A/B on the idle machine: the gap is not the softmax's instruction count. What is left
+// shape by more than 2.5% in an A/B on the idle machine: the gap is not the softmax's instruction count. What is left
 // to try is structural: the products and the softmax interleaved in one AMX tile loop (a brgemm call per block
 // runs them one after the other), fewer, larger calls. Without AMX (AVX512-BF16 only, an AMD EPYC) the products
 // dominate: 65-75% of the bf16 GEMM rate at D=128, S >= 2048.
