@@ -91,8 +91,8 @@ struct BatchBand {
 };
 
 #pragma GCC push_options
-// avx512bf16 only for the one conversion instruction used where the CPU has it (WeightFormat::kBFloat16Instruction);
-// nothing else in this section may use it.
+// avx512bf16 only for the two instructions of WeightFormat::kBFloat16Instruction (VCVTNEPS2BF16 rounds the weights,
+// VDPBF16PS sums them), which run only where the CPU has them; nothing else in this section may use it.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")
 
 namespace kernel {
@@ -201,34 +201,65 @@ inline void gemm_rows(const float* a, int64_t lda, const float* b, int64_t ldb, 
   }
 }
 
+// 16 x 16 32-bit words transposed in registers: row i becomes word i of every input row. Packing K^T with this
+// instead of gathers from a staging buffer measured 35% faster (AMD EPYC Zen 4: one kv head's 512 keys x 128 dims,
+// K and V, 38.5 -> 24.9 us), MHA bf16 causal 3-5% faster overall at S = 512-2048.
+inline void transpose_16x16(__m512i rows[16]) {
+  __m512i pairs[16], quads[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: words of rows 2i, 2i + 1 interleaved
+    pairs[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+    pairs[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // quads[4g + m], lane l: word 4l + m of rows 4g .. 4g + 3
+    quads[4 * g] = _mm512_unpacklo_epi64(pairs[4 * g], pairs[4 * g + 2]);
+    quads[4 * g + 1] = _mm512_unpackhi_epi64(pairs[4 * g], pairs[4 * g + 2]);
+    quads[4 * g + 2] = _mm512_unpacklo_epi64(pairs[4 * g + 1], pairs[4 * g + 3]);
+    quads[4 * g + 3] = _mm512_unpackhi_epi64(pairs[4 * g + 1], pairs[4 * g + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {  // lanes gathered across the four quads of word m (mod 4)
+    const __m512i even_lo = _mm512_shuffle_i32x4(quads[m], quads[4 + m], 0x88);
+    const __m512i odd_lo = _mm512_shuffle_i32x4(quads[m], quads[4 + m], 0xDD);
+    const __m512i even_hi = _mm512_shuffle_i32x4(quads[8 + m], quads[12 + m], 0x88);
+    const __m512i odd_hi = _mm512_shuffle_i32x4(quads[8 + m], quads[12 + m], 0xDD);
+    rows[m] = _mm512_shuffle_i32x4(even_lo, even_hi, 0x88);
+    rows[4 + m] = _mm512_shuffle_i32x4(odd_lo, odd_hi, 0x88);
+    rows[8 + m] = _mm512_shuffle_i32x4(even_lo, even_hi, 0xDD);
+    rows[12 + m] = _mm512_shuffle_i32x4(odd_lo, odd_hi, 0xDD);
+  }
+}
+
+inline const char* key_row(const Problem& p, const void* base, const Strides& st, int64_t batch, int64_t kv_head,
+                           int64_t key) {
+  return at_element(base, p.type, batch * st.batch + kv_head * st.head + key * st.seq);
+}
+
 // Keys [key_start, key_end) of one kv head into fp32: K transposed per key block ([block][dim][kKeyBlock]) and V
 // row-major ([key][padded_dim]); keys past kv_len and dims past head_dim are 0 (finite, so masked products vanish).
 void convert_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t kv_len, int64_t key_start, int64_t key_end,
                   float* key_t, float* value, uint8_t* nonfinite_tiles) {
-  alignas(64) float rows[16 * 512];
   const int64_t dp = p.padded_dim;
-  const __m512i gather_index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                  _mm512_set1_epi32(static_cast<int>(dp)));
   for (int64_t tile = key_start; tile < key_end; tile += 16) {
+    float* kt = key_t + (tile / kKeyBlock) * dp * kKeyBlock + tile % kKeyBlock;
+    for (int64_t d = 0; d < dp; d += 16) {  // 16 keys x 16 dims, transposed
+      __m512i block[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        const __mmask16 m = tile + j < kv_len ? tail_mask(p.head_dim - d) : __mmask16(0);
+        block[j] = _mm512_castps_si512(
+            load16(at_element(key_row(p, p.k, p.ks, batch, kv_head, tile + j), p.type, d), p.type, m));
+      }
+      transpose_16x16(block);
+      for (int64_t i = 0; i < 16; ++i) _mm512_storeu_si512(kt + (d + i) * kKeyBlock, block[i]);
+    }
     __mmask16 nonfinite = 0;
-    for (int64_t j = 0; j < 16; ++j) {
-      const int64_t key = tile + j;
-      const bool live = key < kv_len;
-      const char* krow = at_element(p.k, p.type, batch * p.ks.batch + kv_head * p.ks.head + key * p.ks.seq);
-      const char* vrow = at_element(p.v, p.type, batch * p.vs.batch + kv_head * p.vs.head + key * p.vs.seq);
+    for (int64_t key = tile; key < tile + 16; ++key) {
       for (int64_t d = 0; d < dp; d += 16) {
-        const __mmask16 m = live ? tail_mask(p.head_dim - d) : __mmask16(0);
-        _mm512_store_ps(rows + j * dp + d, load16(at_element(krow, p.type, d), p.type, m));
-        const __m512 v = load16(at_element(vrow, p.type, d), p.type, m);
+        const __mmask16 m = key < kv_len ? tail_mask(p.head_dim - d) : __mmask16(0);
+        const __m512 v = load16(at_element(key_row(p, p.v, p.vs, batch, kv_head, key), p.type, d), p.type, m);
         nonfinite |= _mm512_fpclass_ps_mask(v, 0x99);  // NaN, +-inf
         _mm512_storeu_ps(value + key * dp + d, v);
       }
     }
     nonfinite_tiles[tile / 16] = nonfinite != 0;
-    float* kt = key_t + (tile / kKeyBlock) * dp * kKeyBlock + tile % kKeyBlock;
-    for (int64_t d = 0; d < dp; ++d) {
-      _mm512_storeu_ps(kt + d * kKeyBlock, _mm512_i32gather_ps(gather_index, rows + d, 4));
-    }
   }
 }
 
@@ -237,35 +268,43 @@ void convert_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t kv_l
 // keys past kv_len and dims past head_dim are 0.
 void pack_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t kv_len, int64_t key_start, int64_t key_end,
                uint16_t* key_t, uint16_t* value, uint8_t* nonfinite_tiles) {
-  alignas(64) uint16_t rows[16 * 512];
   const int64_t dp = p.padded_dim;
-  const __m512i gather_index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                  _mm512_set1_epi32(static_cast<int>(dp / 2)));
-  // Words of two keys' 16-dim runs (a: low half, b: high half) interleaved: a0 b0 a1 b1 ...
-  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  // Two keys' 32-dim runs a, b interleaved: a0 b0 a1 b1 ... a15 b15, then a16 b16 ... a31 b31 (b's words are 32-63)
+  alignas(64) int16_t low_index[32], high_index[32];
+  for (int i = 0; i < 16; ++i) {
+    low_index[2 * i] = static_cast<int16_t>(i);
+    low_index[2 * i + 1] = static_cast<int16_t>(32 + i);
+    high_index[2 * i] = static_cast<int16_t>(16 + i);
+    high_index[2 * i + 1] = static_cast<int16_t>(48 + i);
+  }
+  const __m512i interleave_low = _mm512_load_si512(low_index), interleave_high = _mm512_load_si512(high_index);
   const __m512i exponent = _mm512_set1_epi16(static_cast<int16_t>(p.type == ElementType::kBFloat16 ? 0x7F80 : 0x7C00));
-  auto load_row = [&](const void* base, const Strides& st, int64_t key, int64_t d) {
-    const __mmask16 m = key < kv_len ? tail_mask(p.head_dim - d) : __mmask16(0);
-    return _mm256_maskz_loadu_epi16(
-        m, at_element(base, p.type, batch * st.batch + kv_head * st.head + key * st.seq + d));
+  // 32 elements of a key's K or V row from dim d (0 past head_dim or kv_len)
+  auto load_run = [&](const void* base, const Strides& st, int64_t key, int64_t d) {
+    const int64_t n = p.head_dim - d;
+    const __mmask32 m = key >= kv_len ? __mmask32(0) : n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+    return _mm512_maskz_loadu_epi16(m, at_element(key_row(p, base, st, batch, kv_head, key), p.type, d));
   };
   for (int64_t tile = key_start; tile < key_end; tile += 16) {
-    for (int64_t j = 0; j < 16; ++j) {
-      for (int64_t d = 0; d < dp; d += 16) _mm256_store_si256(reinterpret_cast<__m256i*>(rows + j * dp + d),
-                                                              load_row(p.k, p.ks, tile + j, d));
-    }
+    // K^T: a key's dim pair is one 32-bit word, so 16 keys x 16 pairs is one 32-bit transpose
     auto* kt = reinterpret_cast<uint32_t*>(key_t + (tile / kKeyBlock) * dp * kKeyBlock) + tile % kKeyBlock;
-    for (int64_t pair = 0; pair < dp / 2; ++pair) {
-      _mm512_storeu_si512(kt + pair * kKeyBlock, _mm512_i32gather_epi32(gather_index, rows + 2 * pair, 4));
+    for (int64_t d = 0; d < dp; d += 32) {
+      __m512i block[16];
+      for (int64_t j = 0; j < 16; ++j) block[j] = load_run(p.k, p.ks, tile + j, d);
+      transpose_16x16(block);
+      for (int64_t i = 0; i < std::min<int64_t>(16, (dp - d) / 2); ++i) {
+        _mm512_storeu_si512(kt + (d / 2 + i) * kKeyBlock, block[i]);
+      }
     }
     __mmask32 nonfinite = 0;
     for (int64_t key = tile; key < tile + 16; key += 2) {
-      for (int64_t d = 0; d < dp; d += 16) {
-        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(load_row(p.v, p.vs, key, d)),
-                                                load_row(p.v, p.vs, key + 1, d), 1);
-        nonfinite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(both, exponent), exponent);  // NaN, +-inf
-        _mm512_storeu_si512(value + (key / 2 * dp + d) * 2, _mm512_permutexvar_epi16(interleave, both));
+      for (int64_t d = 0; d < dp; d += 32) {
+        const __m512i a = load_run(p.v, p.vs, key, d), b = load_run(p.v, p.vs, key + 1, d);
+        nonfinite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(a, exponent), exponent) |  // NaN, +-inf
+                     _mm512_cmpeq_epi16_mask(_mm512_and_si512(b, exponent), exponent);
+        uint16_t* out = value + (key / 2 * dp + d) * 2;
+        _mm512_storeu_si512(out, _mm512_permutex2var_epi16(a, interleave_low, b));
+        if (d + 16 < dp) _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(a, interleave_high, b));
       }
     }
     nonfinite_tiles[tile / 16] = nonfinite != 0;
