@@ -68,6 +68,25 @@ def test_emulation_agrees_with_the_instructions():
     torch.testing.assert_close(hardware.float(), emulated.float(), atol=8e-3, rtol=8e-3)
 
 
+@pytest.mark.parametrize("products", [
+    "input_dtype_emulated",
+    pytest.param("input_dtype", marks=pytest.mark.skipif(
+        not _has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")),
+])
+@pytest.mark.parametrize("mode,extra", [(3, {}), (4, {"pre_tokens": 40, "next_tokens": 0})], ids=["causal", "window"])
+def test_diagonal_chunks_match_reference(products, mode, extra):
+    """MHA query blocks on a band's diagonal run their 16-bit products in chunks of positions, each over its own
+    columns; a sliding window leaves some chunks with no key in a block. Long enough for several blocks of each."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 600, 4, 64, generator=gen).bfloat16() for _ in range(3))
+    kwargs = dict(num_heads=4, input_layout="BSND", scale_value=64 ** -0.5, sparse_mode=mode,
+                  atten_mask=compressed_causal_mask(), actual_seq_lengths=[600, 301],
+                  actual_seq_lengths_kv=[600, 301], **extra)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        actual = _op_with_products(products, q, k, v, kwargs, monkeypatch)
+    _assert_matches_reference(q, k, v, kwargs, actual)
+
+
 def test_auto_products_follow_the_cpu():
     """bf16/fp16 inputs take the 16-bit products exactly where oneDNN has kernels for them; fp32 never does."""
     extension = native_kernel.extension()

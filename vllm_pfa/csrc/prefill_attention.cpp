@@ -64,6 +64,7 @@ constexpr int kRowTile = 6;           // register tile rows
 constexpr int kColVectors = 4;        // register tile width in 16-float vectors (64 columns)
 constexpr int kKeyBlock = 256;        // keys per block (a multiple of 16; 256 measured best)
 constexpr int kRowsPerQueryBlock = 96;  // packed (position, group head) rows per work item
+constexpr int kMatrixChunkPositions = 48;  // 16-bit products: positions per call where rows keep different keys
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 struct Strides {
@@ -467,7 +468,7 @@ struct Scratch {
   float* alpha;
   int64_t* lo;       // [rows] first kept key
   int64_t* hi;       // [rows] one past the last kept key
-  int64_t* tile_lo;  // [row tiles] block-relative column range of the current key block
+  int64_t* tile_lo;  // [row groups] block-relative column range of the current key block
   int64_t* tile_hi;
 };
 
@@ -529,14 +530,18 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   };
   const __m512 neg_inf = _mm512_set1_ps(-kInf);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const int64_t tiles = padded_rows / kRowTile;
+  // Rows are taken in groups that share a column range per key block: register tiles in fp32, chunks of positions
+  // in 16 bits (a brgemm call each where the ranges differ).
+  const int64_t group_rows = kMatrix ? kMatrixChunkPositions * group : kRowTile;
+  const int64_t tiles = (padded_rows + group_rows - 1) / group_rows;
   for (int64_t block_start = union_hi ? union_lo / kKeyBlock * kKeyBlock : 0; block_start < union_hi;
        block_start += kKeyBlock) {
-    // Columns of this block any row of a tile keeps: [col_lo, col_hi), block-relative; empty when lo >= hi.
-    int64_t block_lo = kKeyBlock, block_hi = 0;  // the same over all tiles, in whole 16-key tiles
+    // Columns of this block any row of a group keeps: [col_lo, col_hi), block-relative; empty when lo >= hi.
+    int64_t block_lo = kKeyBlock, block_hi = 0;  // the same over all groups, in whole 16-key tiles
+    bool uniform = true;  // every group keeps columns, in the same 16-key tiles
     for (int64_t t = 0; t < tiles; ++t) {
       int64_t col_lo = kKeyBlock, col_hi = 0;
-      for (int64_t r = t * kRowTile; r < (t + 1) * kRowTile; ++r) {
+      for (int64_t r = t * group_rows; r < std::min((t + 1) * group_rows, padded_rows); ++r) {
         const int64_t lo = std::max(s.lo[r] - block_start, int64_t(0));
         const int64_t hi = std::min(s.hi[r] - block_start, int64_t(kKeyBlock));
         if (lo < hi) {
@@ -546,17 +551,34 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       }
       s.tile_lo[t] = col_lo;
       s.tile_hi[t] = col_hi;
+      uniform = uniform && col_lo < col_hi && (t == 0 || (s.tile_lo[0] / 16 == col_lo / 16 &&
+                                                          (s.tile_hi[0] + 15) / 16 == (col_hi + 15) / 16));
       if (col_lo < col_hi) {
         block_lo = std::min(block_lo, col_lo / 16 * 16);
         block_hi = std::max(block_hi, (col_hi + 15) / 16 * 16);
       }
     }
     if (block_lo >= block_hi) continue;
+    // The 16-bit products of one group of rows, or of all rows where every group keeps the same columns. Blocks on
+    // a causal diagonal differ: one product over all rows there computes the triangle above the diagonal too. MHA
+    // blocks hold 96 positions, split in two: bf16 causal S=512 5-6% faster, S=1024-2048 ~2% (AMD EPYC Zen 4, A/B);
+    // smaller chunks cost more in calls than they save (16 positions: no gain), and GQA blocks (96 / group
+    // positions) stay whole.
+    auto for_each_group = [&](auto&& work) {
+      if (uniform) return work(int64_t(0), padded_rows, block_lo, block_hi);
+      for (int64_t t = 0; t < tiles; ++t) {
+        if (s.tile_lo[t] >= s.tile_hi[t]) continue;
+        work(t * group_rows, std::min((t + 1) * group_rows, padded_rows), s.tile_lo[t] / 16 * 16,
+             (s.tile_hi[t] + 15) / 16 * 16);
+      }
+    };
     if constexpr (kMatrix) {
-      // One brgemm for all rows: [padded_rows x dp] Q times K^T's [dp x block columns].
+      // [group rows x dp] Q times K^T's [dp x group columns].
       const uint16_t* kt = static_cast<const uint16_t*>(key_t) + (block_start / kKeyBlock) * dp * kKeyBlock;
-      products_16bit(p, padded_rows, block_hi - block_lo, dp, dp, kKeyBlock, kKeyBlock, false, s.q16,
-                     kt + 2 * block_lo, s.scores + block_lo);
+      for_each_group([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+        products_16bit(p, r1 - r0, c1 - c0, dp, dp, kKeyBlock, kKeyBlock, false, s.q16 + r0 * dp, kt + 2 * c0,
+                       s.scores + r0 * kKeyBlock + c0);
+      });
     } else {
       // Scores, one 64-key panel of K at a time so the panel stays in L1 across all row tiles.
       const float* kt = static_cast<const float*>(key_t) + (block_start / kKeyBlock) * dp * kKeyBlock;
@@ -575,10 +597,10 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
     // Online softmax: the weights of the kept columns, 0 for the rest of the columns the products below read (the
     // tile's range in fp32; the block's in 16 bits, written in the input dtype).
     for (int64_t r = 0; r < padded_rows; ++r) {
-      const int64_t t = r / kRowTile;
-      if (!kMatrix && s.tile_lo[t] >= s.tile_hi[t]) continue;
-      const int64_t score_lo = kMatrix ? block_lo : s.tile_lo[t] / 16 * 16;
-      const int64_t score_hi = kMatrix ? block_hi : (s.tile_hi[t] + 15) / 16 * 16;
+      const int64_t t = r / group_rows;
+      if (s.tile_lo[t] >= s.tile_hi[t] && !(kMatrix && uniform)) continue;
+      const int64_t score_lo = kMatrix && uniform ? block_lo : s.tile_lo[t] / 16 * 16;
+      const int64_t score_hi = kMatrix && uniform ? block_hi : (s.tile_hi[t] + 15) / 16 * 16;
       float* row = s.scores + r * kKeyBlock;
       uint16_t* probs = s.probs16 + r * kKeyBlock;
       const int64_t lo = std::max(s.lo[r] - block_start, int64_t(0));
@@ -669,18 +691,21 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
         }
       }
     } else if constexpr (kMatrix) {
-      // acc = alpha * acc + P V: the rescale here, then one accumulating brgemm of all rows; the first block's
-      // brgemm writes acc (every row's acc is 0 before it, and a row with no kept key has P = 0).
-      for (int64_t r = 0; acc_written && r < padded_rows; ++r) {
-        if (s.alpha[r] == 1.0f) continue;
-        const __m512 alpha = _mm512_set1_ps(s.alpha[r]);
-        for (int64_t d = 0; d < dp; d += 16) {
-          _mm512_storeu_ps(s.acc + r * dp + d, _mm512_mul_ps(_mm512_loadu_ps(s.acc + r * dp + d), alpha));
+      // acc = alpha * acc + P V: the rescale here, then an accumulating brgemm per group; the first block's brgemm
+      // writes acc where it covers every row (every row's acc is 0 before it, and a row with no kept key has P = 0).
+      if (!acc_written && !uniform) zero_acc();
+      const uint16_t* values = static_cast<const uint16_t*>(value) + block_start * dp;
+      for_each_group([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+        for (int64_t r = r0; acc_written && r < r1; ++r) {
+          if (s.alpha[r] == 1.0f) continue;
+          const __m512 alpha = _mm512_set1_ps(s.alpha[r]);
+          for (int64_t d = 0; d < dp; d += 16) {
+            _mm512_storeu_ps(s.acc + r * dp + d, _mm512_mul_ps(_mm512_loadu_ps(s.acc + r * dp + d), alpha));
+          }
         }
-      }
-      const uint16_t* vb = static_cast<const uint16_t*>(value) + (block_start + block_lo) * dp;
-      products_16bit(p, padded_rows, dp, block_hi - block_lo, kKeyBlock, dp, dp, acc_written, s.probs16 + block_lo,
-                     vb, s.acc);
+        products_16bit(p, r1 - r0, dp, c1 - c0, kKeyBlock, dp, dp, acc_written, s.probs16 + r0 * kKeyBlock + c0,
+                       values + c0 * dp, s.acc + r0 * dp);
+      });
       acc_written = true;
     } else {
       // acc = alpha * acc + P V, one 64-wide panel of V at a time (L1-resident across the row tiles).
