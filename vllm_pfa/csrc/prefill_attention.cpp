@@ -140,21 +140,23 @@ inline const char* at_element(const void* base, ElementType type, int64_t offset
   return static_cast<const char*>(base) + offset * element_bytes(type);
 }
 
-// 2^x for x <= 0; exactly 0 below 2^-126 (and for -inf, the masked scores).
-inline __m512 exp2_nonpositive(__m512 x) {
+// 2^x for x <= 0 as 2^n * q(f), n = round(x), f = x - n in [-0.5, 0.5], q a polynomial (coefficients from the highest
+// degree); exactly 0 below 2^-126 (and for -inf, the masked scores).
+template <size_t kTerms>
+inline __m512 exp2_nonpositive(__m512 x, const float (&coefficients)[kTerms]) {
   __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
   __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_sub_ps(x, n);  // [-0.5, 0.5]: degree-7 Taylor of 2^f is within 1e-8 relative
-  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(live, p, n);
+  __m512 f = _mm512_sub_ps(x, n);
+  __m512 q = _mm512_set1_ps(coefficients[0]);
+#pragma GCC unroll 8
+  for (size_t i = 1; i < kTerms; ++i) q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(coefficients[i]));
+  return _mm512_maskz_scalef_ps(live, q, n);
 }
+
+// Degree-7 Taylor of 2^f: within 1e-8 relative on [-0.5, 0.5], for fp32 weights.
+constexpr float kExp2Float32[] = {1.525273380405984e-05f, 1.5403530393381606e-04f, 1.3333558146428443e-03f,
+                                  9.618129107628477e-03f, 5.550410866482158e-02f,   2.402265069591007e-01f,
+                                  6.931471805599453e-01f, 1.0f};
 
 // C[kRowTile x 16*NV] = (alpha ? diag(alpha) * C : 0) + A[kRowTile x depth] * B[depth x 16*NV], all fp32.
 template <int NV>
@@ -364,27 +366,16 @@ void products_16bit(const Problem& p, int64_t m_rows, int64_t n_cols, int64_t de
 // are 0 or >= 2^-126).
 enum class WeightFormat : int { kFloat16, kBFloat16, kBFloat16Instruction };
 
+// Minimax on [-0.5, 0.5] (reweighted least squares): degree 5 for fp16 weights, 4 for bf16.
+constexpr float kExp2Float16Weights[] = {1.327483681961894e-03f, 9.67552699148655e-03f, 5.550718307495117e-02f,
+                                         2.4022120237350464e-01f, 6.931469440460205e-01f, 1.0000001192092896f};
+constexpr float kExp2BFloat16Weights[] = {9.568454697728157e-03f, 5.591772124171257e-02f, 2.4024786055088043e-01f,
+                                          6.931218504905701e-01f, 9.999992251396179e-01f};
+
 template <WeightFormat kFormat>
 inline __m512 exp2_weights(__m512 x) {
-  __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
-  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_sub_ps(x, n);
-  __m512 p;
-  if constexpr (kFormat == WeightFormat::kFloat16) {
-    p = _mm512_set1_ps(1.327483681961894e-03f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.67552699148655e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550718307495117e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022120237350464e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
-  } else {
-    p = _mm512_set1_ps(9.568454697728157e-03f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.591772124171257e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4024786055088043e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931218504905701e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999992251396179e-01f));
-  }
-  return _mm512_maskz_scalef_ps(live, p, n);
+  if constexpr (kFormat == WeightFormat::kFloat16) return exp2_nonpositive(x, kExp2Float16Weights);
+  return exp2_nonpositive(x, kExp2BFloat16Weights);
 }
 
 template <WeightFormat kFormat>
@@ -649,7 +640,8 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
         const __m512i col = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(c)));
         const __mmask16 kept = _mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(lo)), _MM_CMPINT_NLT) &
                                _mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(hi)), _MM_CMPINT_LT);
-        __m512 e = _mm512_maskz_mov_ps(kept, exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + c), shift)));
+        __m512 e = _mm512_maskz_mov_ps(
+            kept, exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + c), shift), kExp2Float32));
         if constexpr (kMatrix) {  // the sum takes the weights P V uses: rounded to the input dtype
           const __m256i narrow = narrow16(e, p.type);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + c), narrow);
