@@ -24,16 +24,21 @@
 // Only the kernel section is compiled for AVX-512 (GCC target pragma); the binding checks the CPU at run time
 // and Python routes elsewhere when it is missing, so the module loads on any x86-64.
 //
-// Where the time goes (perf on an idle machine, bf16 N32/8 D128 S=2048 causal, 2 cores, kernel samples only): on
-// AMX (Sapphire Rapids class) the online softmax and its per-row bookkeeping in attend_block take ~51%, oneDNN's
-// JIT brgemm kernels (the products) ~34%, PyTorch's brgemm dispatch (a kernel-cache lookup per call) ~8%, packing
-// K/V ~2%, threading ~2%; the kernel reaches ~30-43% of torch.matmul's bf16 rate there and 0.53-0.80x vLLM's AMX
-// kernel (benchmarks/bench_op.py). Cutting the softmax step's instructions by about a third (softmax_row_positive_
-// scale: 3 per 16 scores in the first pass, 16 in the second) and the first block's accumulator pass moved no
-// shape by more than 2.5% in an A/B on the idle machine: the gap is not the softmax's instruction count. What is left
-// to try is structural: the products and the softmax interleaved in one AMX tile loop (a brgemm call per block
-// runs them one after the other), fewer, larger calls. Without AMX (AVX512-BF16 only, an AMD EPYC) the products
-// dominate: 65-75% of the bf16 GEMM rate at D=128, S >= 2048.
+// Where the time goes (perf cpu-clock samples of the kernel's code and oneDNN's JIT products, 2 threads, bf16
+// causal, idle machine). AMD EPYC Zen 4 (AVX512-BF16, no AMX; torch.matmul bf16 ~420 GFLOP/s): N32/32 D64 S=512
+// products 59%, softmax 16%, attend_block's own work (loading Q, rescaling acc, writing out) 11%, packing K/V 10%,
+// brgemm dispatch 2%, threading 2%; N32/32 D128 S=512 products 70%, softmax 10%, attend_block 9%, packing 8%;
+// N32/8 D128 S=2048 products 82%, softmax 10%. The products run near the GEMM rate, so the share of that rate a
+// shape reaches is set by the work beside them: the softmax (per score, so twice the products' weight at D=64),
+// the packing (per key and kv head, against products per key that grow with S: short sequences, and MHA, which
+// packs once per query head), the per-block bookkeeping. bench_op.py there: 84-91% of the GEMM rate at D=128,
+// S >= 2048; 60-70% at D=64 or S=512 (MHA).
+// On AMX (Sapphire Rapids class, N32/8 D128 S=2048) the products are several times faster and the rest dominates:
+// the online softmax and its bookkeeping ~51%, the products ~34%, PyTorch's brgemm dispatch (a kernel-cache lookup
+// per call) ~8%, packing ~2%; 30-43% of the bf16 GEMM rate, 0.53-0.80x vLLM's AMX kernel. Cutting the softmax
+// step's instructions by about a third moved no shape there by more than 2.5% (A/B): what is left to try is
+// structural, the products and the softmax interleaved in one AMX tile loop (a brgemm call per block runs them one
+// after the other), fewer, larger calls.
 
 #include "ops.h"
 
