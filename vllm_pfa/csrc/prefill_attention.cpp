@@ -35,9 +35,10 @@
 // S >= 2048; 60-70% at D=64 or S=512 (MHA).
 // On AMX (Sapphire Rapids class, N32/8 D128 S=2048) the products are several times faster and the rest dominates:
 // the online softmax and its bookkeeping ~51%, the products ~34%, PyTorch's brgemm dispatch (a kernel-cache lookup
-// per call) ~8%, packing ~2%; 30-43% of the bf16 GEMM rate, 0.53-0.80x vLLM's AMX kernel. Cutting the softmax
-// step's instructions by about a third moved no shape there by more than 2.5% (A/B): what is left to try is
-// structural, the products and the softmax interleaved in one AMX tile loop (a brgemm call per block runs them one
+// per call) ~8%, packing ~2%; 30-43% of the bf16 GEMM rate, 0.53-0.80x vLLM's AMX kernel. The softmax step now
+// has about a third fewer instructions than in that profile; its effect on AMX is unmeasured (the A/B then loaded
+// both builds into one process, which runs the first build twice). Beyond that, what is left to try there is
+// structural: the products and the softmax interleaved in one AMX tile loop (a brgemm call per block runs them one
 // after the other), fewer, larger calls.
 
 #include "ops.h"
