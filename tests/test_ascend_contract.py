@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -55,4 +56,7 @@ def test_contract(vllm_ascend_source, stack):
                           capture_output=True, text=True, timeout=1800, env=env, cwd=ROOT)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
-    assert re.fullmatch(r"\d+ passed in .*", summary), f"every contract test must run and pass: {summary}"
+    assert re.fullmatch(r"\d+ passed(, \d+ warnings?)? in .*", summary), \
+        f"every contract test must run and pass: {summary}\n{proc.stdout[-8000:]}"
+    if "warning" in summary:  # not a failed contract, but shown in this run's warnings summary, with its text
+        warnings.warn(f"the {stack} contract run warned: {proc.stdout[proc.stdout.find('warnings summary'):][-4000:]}")

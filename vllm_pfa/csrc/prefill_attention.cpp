@@ -915,8 +915,8 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     }
   }
   Problem p{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), qs, ks, vs, os, type,
-            parse_products(products, type), out_starts.empty() ? nullptr : out_starts.data(), heads, kv_heads, head_dim, (head_dim + 15) / 16 * 16,
-            static_cast<float>(scale * M_LOG2E), false};
+            parse_products(products, type), out_starts.empty() ? nullptr : out_starts.data(), heads, kv_heads,
+            head_dim, (head_dim + 15) / 16 * 16, static_cast<float>(scale * M_LOG2E), false};
   // The emulated products keep the AVX-512F rounding: on a CPU with AVX512-BF16 the tests compare both roundings.
   p.bf16_instructions = p.products == Products::kInputType && __builtin_cpu_supports("avx512bf16");
   const bool matrix = p.products != Products::kFloat32;
