@@ -592,12 +592,13 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       }
     }
     // Online softmax: the weights of the kept columns, 0 for the rest of the columns the products below read (the
-    // tile's range in fp32; the block's in 16 bits, written in the input dtype).
+    // row's group's range in whole 16-key tiles, which is the block's where the groups are uniform; in 16 bits
+    // written in the input dtype). Rows of a group that keeps nothing here are read by no product.
     for (int64_t r = 0; r < padded_rows; ++r) {
       const int64_t t = r / group_rows;
-      if (s.tile_lo[t] >= s.tile_hi[t] && !(kMatrix && uniform)) continue;
-      const int64_t score_lo = kMatrix && uniform ? block_lo : s.tile_lo[t] / 16 * 16;
-      const int64_t score_hi = kMatrix && uniform ? block_hi : (s.tile_hi[t] + 15) / 16 * 16;
+      if (s.tile_lo[t] >= s.tile_hi[t]) continue;
+      const int64_t score_lo = s.tile_lo[t] / 16 * 16;
+      const int64_t score_hi = (s.tile_hi[t] + 15) / 16 * 16;
       float* row = s.scores + r * kKeyBlock;
       uint16_t* probs = s.probs16 + r * kKeyBlock;
       const int64_t lo = std::max(s.lo[r] - block_start, int64_t(0));
