@@ -33,6 +33,14 @@
 // the packing (per key and kv head, against products per key that grow with S: short sequences, and MHA, which
 // packs once per query head), the per-block bookkeeping. bench_op.py there: 84-91% of the GEMM rate at D=128,
 // S >= 2048; 60-70% at D=64 or S=512 (MHA).
+// Upper bounds there, from builds that skip one phase (wrong results; each build in its own process, 3 rounds):
+// without the K/V conversion (stale copies) MHA D128 S=512 ran 13-15% faster; without the softmax 11% (D128
+// S=512) and 21-23% (D64 S=1024, MHA and GQA); without loading Q and writing the output 12% (D128 S=512). A
+// second, warm conversion of the same unit costs 2-5%, so the first one waits on memory (cold K/V rows a token
+// apart). Tried and not kept (5 rounds, medians): converting the next unit's K/V while attending the current one
+// (a tile between softmax rows, its rows prefetched two tiles ahead, two copies in L2): +0.4-2.8%; prefetching the
+// output rows for writing: +3% at D64 S=512 only. One build's rate on one shape varies between processes: MHA D64
+// S=512 read 217-265 GFLOP/s, so compare medians of several alternating runs.
 // On AMX (Sapphire Rapids class, N32/8 D128 S=2048) the products are several times faster and the rest dominates:
 // the online softmax and its bookkeeping ~51%, the products ~34%, PyTorch's brgemm dispatch (a kernel-cache lookup
 // per call) ~8%, packing ~2%; 30-43% of the bf16 GEMM rate, 0.53-0.80x vLLM's AMX kernel. The softmax step now
