@@ -87,6 +87,29 @@ def test_diagonal_chunks_match_reference(products, mode, extra):
     _assert_matches_reference(q, k, v, kwargs, actual)
 
 
+@pytest.mark.parametrize("products", [
+    "input_dtype_emulated",
+    pytest.param("input_dtype", marks=pytest.mark.skipif(
+        not _has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")),
+])
+@pytest.mark.parametrize("head_dim", [64, 40])
+def test_mha_query_rows_read_in_place(products, head_dim):
+    """MHA's query rows (one head's positions at one stride) go to the 16-bit products in place where the head dim
+    needs no padding, copied where it does (40). The kernel takes any row stride: here Q, K and V are column slices
+    of one fused projection output, so a row's stride is three heads' rows wider than Q's own."""
+    gen = torch.Generator().manual_seed(13)
+    heads, tokens = 4, 300
+    qkv = torch.randn(1, tokens, 3 * heads * head_dim, generator=gen).bfloat16()
+    q, k, v = (part.view(1, tokens, heads, head_dim) for part in qkv.split(heads * head_dim, dim=-1))
+    assert q.stride(1) == 3 * heads * head_dim
+    out = torch.empty_like(q.contiguous())
+    native_kernel.extension().prefill_attention(*(t.transpose(1, 2) for t in (q, k, v, out)), [tokens], [tokens],
+                                                [-tokens - 1], [0], head_dim ** -0.5, products)
+    kwargs = dict(num_heads=heads, input_layout="BSND", scale_value=head_dim ** -0.5, sparse_mode=3,
+                  atten_mask=compressed_causal_mask(), actual_seq_lengths=[tokens])
+    _assert_matches_reference(q.contiguous(), k.contiguous(), v.contiguous(), kwargs, out)
+
+
 def test_auto_products_follow_the_cpu():
     """bf16/fp16 inputs take the 16-bit products exactly where oneDNN has kernels for them; fp32 never does."""
     extension = native_kernel.extension()

@@ -39,8 +39,10 @@
 // second, warm conversion of the same unit costs 2-5%, so the first one waits on memory (cold K/V rows a token
 // apart). Tried and not kept (5 rounds, medians): converting the next unit's K/V while attending the current one
 // (a tile between softmax rows, its rows prefetched two tiles ahead, two copies in L2): +0.4-2.8%; prefetching the
-// output rows for writing: +3% at D64 S=512 only. One build's rate on one shape varies between processes: MHA D64
-// S=512 read 217-265 GFLOP/s, so compare medians of several alternating runs.
+// output rows for writing: +3% at D64 S=512 only. Kept: MHA's query rows read in place by the products instead of
+// copied first (5 rounds, medians): S=512 D64 +7.6%, D128 +5.6%; S=1024 +1%; GQA, whose rows interleave heads,
+// copies as before. One build's rate on one shape varies between processes: MHA D64 S=512 read 203-280 GFLOP/s, so
+// compare medians of several alternating runs.
 // On AMX (Sapphire Rapids class, N32/8 D128 S=2048) the products are several times faster and the rest dominates:
 // the online softmax and its bookkeeping ~51%, the products ~34%, PyTorch's brgemm dispatch (a kernel-cache lookup
 // per call) ~8%, packing ~2%; 30-43% of the bf16 GEMM rate, 0.53-0.80x vLLM's AMX kernel. The softmax step now
@@ -486,7 +488,8 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   const int64_t group = p.heads / p.kv_heads;
   const int64_t dp = p.padded_dim;
   const int64_t rows = count * group;
-  const int64_t padded_rows = (rows + kRowTile - 1) / kRowTile * kRowTile;
+  // fp32 register tiles take whole kRowTile rows (padding rows are 0); brgemm takes any number.
+  const int64_t padded_rows = kMatrix ? rows : (rows + kRowTile - 1) / kRowTile * kRowTile;
   int64_t union_lo = std::numeric_limits<int64_t>::max(), union_hi = 0;
   const __m512 score_scale = _mm512_set1_ps(p.score_scale);
   // Row r is position first + r / group of query head kv_head * group + r % group.
@@ -494,19 +497,24 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
     return at_element(p.q, p.type,
                       batch * p.qs.batch + (kv_head * group + r % group) * p.qs.head + (first + r / group) * p.qs.seq);
   };
+  // MHA's rows are one head's positions at one stride: with no padded dims the 16-bit products read them in place.
+  // Copied, each row (a token apart, a page apart where tokens are wide) is a cache miss the copy waits on.
+  const bool q_in_place = kMatrix && group == 1 && p.head_dim == dp;
+  const uint16_t* q16 = q_in_place ? reinterpret_cast<const uint16_t*>(query_row(0)) : s.q16;
+  const int64_t q16_stride = q_in_place ? p.qs.seq : dp;
   // Query rows of one head sit a whole token apart (BSND), which the hardware prefetcher does not follow.
   constexpr int64_t kPrefetchAhead = 8;
   const int64_t row_bytes = p.head_dim * element_bytes(p.type);
-  for (int64_t r = 0; r < rows && r < kPrefetchAhead; ++r) prefetch_row(query_row(r), row_bytes);
+  for (int64_t r = 0; r < rows && r < kPrefetchAhead && !q_in_place; ++r) prefetch_row(query_row(r), row_bytes);
   for (int64_t r = 0; r < padded_rows; ++r) {
     const int64_t pos = first + r / group;
-    if (r + kPrefetchAhead < rows) prefetch_row(query_row(r + kPrefetchAhead), row_bytes);
+    if (r + kPrefetchAhead < rows && !q_in_place) prefetch_row(query_row(r + kPrefetchAhead), row_bytes);
     int64_t lo = 0, hi = 0;
     if (r < rows) {
       lo = band.row_lo(pos);
       hi = band.row_hi(pos);
     }
-    for (int64_t d = 0; d < dp; d += 16) {  // padding rows are 0
+    for (int64_t d = 0; d < dp && !q_in_place; d += 16) {  // padding rows are 0
       const __mmask16 m = r < rows ? tail_mask(p.head_dim - d) : __mmask16(0);
       const char* src = r < rows ? at_element(query_row(r), p.type, d) : nullptr;
       if constexpr (kMatrix) {
@@ -581,8 +589,8 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       // [group rows x dp] Q times K^T's [dp x group columns].
       const uint16_t* kt = static_cast<const uint16_t*>(key_t) + (block_start / kKeyBlock) * dp * kKeyBlock;
       for_each_group([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-        products_16bit(p, r1 - r0, c1 - c0, dp, dp, kKeyBlock, kKeyBlock, false, s.q16 + r0 * dp, kt + 2 * c0,
-                       s.scores + r0 * kKeyBlock + c0);
+        products_16bit(p, r1 - r0, c1 - c0, dp, q16_stride, kKeyBlock, kKeyBlock, false, q16 + r0 * q16_stride,
+                       kt + 2 * c0, s.scores + r0 * kKeyBlock + c0);
       });
     } else {
       // Scores, one 64-key panel of K at a time so the panel stays in L1 across all row tiles.
