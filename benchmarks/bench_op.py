@@ -117,6 +117,23 @@ def sdpa_call(q, k, v, lens, scale):
     return run
 
 
+def timeit_interleaved(calls: dict, min_rounds: int = 3, min_seconds: float = 3.0, max_rounds: int = 20) -> dict:
+    """Median seconds of each call, the calls taken in turn (one of each per round) so that they share the
+    machine's state: on shared cloud CPUs one build's rate on one shape moved by up to ~25% between runs seconds
+    apart, which back-to-back blocks of one call each would turn into a ratio."""
+    for fn in calls.values():
+        fn()  # warm-up
+    times: dict = {name: [] for name in calls}
+    start = time.perf_counter()
+    while len(times[next(iter(calls))]) < max_rounds and (
+            len(times[next(iter(calls))]) < min_rounds or time.perf_counter() - start < min_seconds):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(samples) for name, samples in times.items()}
+
+
 def shapes(quick: bool):
     seqs = [512, 2048] if quick else [512, 1024, 2048, 4096, 8192]
     for dtype in (["bf16"] if quick else ["bf16", "fp16"]):
@@ -140,11 +157,11 @@ def bench_shape(shape: dict, with_reference: bool) -> dict:
     kwargs = dict(num_heads=heads, num_key_value_heads=kv_heads, input_layout="BSND", scale_value=scale,
                   sparse_mode=3, atten_mask=mask, actual_seq_lengths=lens, actual_seq_lengths_kv=lens)
     flops = causal_flops(heads, dim, lens, lens)
-    seconds = {
-        "vllm_cpu_kernel": timeit(vllm_kernel_call(q, k, v, lens, scale)),
-        "pfa": timeit(lambda: npu_prompt_flash_attention(q, k, v, **kwargs)),
-        "sdpa": timeit(sdpa_call(q, k, v, lens, scale)),
-    }
+    seconds = timeit_interleaved({
+        "vllm_cpu_kernel": vllm_kernel_call(q, k, v, lens, scale),
+        "pfa": lambda: npu_prompt_flash_attention(q, k, v, **kwargs),
+        "sdpa": sdpa_call(q, k, v, lens, scale),
+    })
     if with_reference and seq <= 1024:
         seconds["reference"] = timeit(lambda: reference_npu_prompt_flash_attention(q, k, v, **kwargs), 1, 0.0)
     gflops = {name: flops / s / 1e9 for name, s in seconds.items()}
