@@ -36,16 +36,25 @@ def causal_flops(heads: int, head_dim: int, q_lens: list[int], kv_lens: list[int
     return 4.0 * heads * head_dim * pairs
 
 
+def timeit_interleaved(calls: dict, min_rounds: int = 3, min_seconds: float = 3.0, max_rounds: int = 20) -> dict:
+    """Median seconds of each call, the calls taken in turn (one of each per round) so that they share the
+    machine's state: on shared cloud CPUs one build's rate on one shape moved by up to ~25% between runs seconds
+    apart, which back-to-back blocks of one call each would turn into a ratio."""
+    for fn in calls.values():
+        fn()  # warm-up
+    times: dict = {name: [] for name in calls}
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < min_seconds):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(samples) for name, samples in times.items()}
+
+
 def timeit(fn, min_repeats: int = 3, min_seconds: float = 1.0) -> float:
-    fn()  # warm-up
-    times, start = [], time.perf_counter()
-    while len(times) < min_repeats or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 20:
-            break
-    return statistics.median(times)
+    return timeit_interleaved({"call": fn}, min_repeats, min_seconds)["call"]
 
 
 def gemm_gflops(dtype: torch.dtype, n: int = 2048) -> float:
@@ -115,23 +124,6 @@ def sdpa_call(q, k, v, lens, scale):
                                                              vb[b:b + 1, :, :n], is_causal=True, scale=scale,
                                                              enable_gqa=True)
     return run
-
-
-def timeit_interleaved(calls: dict, min_rounds: int = 3, min_seconds: float = 3.0, max_rounds: int = 20) -> dict:
-    """Median seconds of each call, the calls taken in turn (one of each per round) so that they share the
-    machine's state: on shared cloud CPUs one build's rate on one shape moved by up to ~25% between runs seconds
-    apart, which back-to-back blocks of one call each would turn into a ratio."""
-    for fn in calls.values():
-        fn()  # warm-up
-    times: dict = {name: [] for name in calls}
-    start = time.perf_counter()
-    while len(times[next(iter(calls))]) < max_rounds and (
-            len(times[next(iter(calls))]) < min_rounds or time.perf_counter() - start < min_seconds):
-        for name, fn in calls.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(samples) for name, samples in times.items()}
 
 
 def shapes(quick: bool):

@@ -502,25 +502,30 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   const bool q_in_place = kMatrix && group == 1 && p.head_dim == dp;
   const uint16_t* q16 = q_in_place ? reinterpret_cast<const uint16_t*>(query_row(0)) : s.q16;
   const int64_t q16_stride = q_in_place ? p.qs.seq : dp;
-  // Query rows of one head sit a whole token apart (BSND), which the hardware prefetcher does not follow.
+  // Query rows of one head sit a whole token apart (BSND), which the hardware prefetcher does not follow: the copy
+  // prefetches them.
   constexpr int64_t kPrefetchAhead = 8;
   const int64_t row_bytes = p.head_dim * element_bytes(p.type);
-  for (int64_t r = 0; r < rows && r < kPrefetchAhead && !q_in_place; ++r) prefetch_row(query_row(r), row_bytes);
+  if (!q_in_place) {
+    for (int64_t r = 0; r < rows && r < kPrefetchAhead; ++r) prefetch_row(query_row(r), row_bytes);
+  }
   for (int64_t r = 0; r < padded_rows; ++r) {
     const int64_t pos = first + r / group;
-    if (r + kPrefetchAhead < rows && !q_in_place) prefetch_row(query_row(r + kPrefetchAhead), row_bytes);
     int64_t lo = 0, hi = 0;
     if (r < rows) {
       lo = band.row_lo(pos);
       hi = band.row_hi(pos);
     }
-    for (int64_t d = 0; d < dp && !q_in_place; d += 16) {  // padding rows are 0
-      const __mmask16 m = r < rows ? tail_mask(p.head_dim - d) : __mmask16(0);
-      const char* src = r < rows ? at_element(query_row(r), p.type, d) : nullptr;
-      if constexpr (kMatrix) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.q16 + r * dp + d), _mm256_maskz_loadu_epi16(m, src));
-      } else {  // scaled here once (the 16-bit path scales its fp32 scores instead)
-        _mm512_storeu_ps(s.q + r * dp + d, _mm512_mul_ps(load16(src, p.type, m), score_scale));
+    if (!q_in_place) {
+      if (r + kPrefetchAhead < rows) prefetch_row(query_row(r + kPrefetchAhead), row_bytes);
+      for (int64_t d = 0; d < dp; d += 16) {  // padding rows are 0
+        const __mmask16 m = r < rows ? tail_mask(p.head_dim - d) : __mmask16(0);
+        const char* src = r < rows ? at_element(query_row(r), p.type, d) : nullptr;
+        if constexpr (kMatrix) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.q16 + r * dp + d), _mm256_maskz_loadu_epi16(m, src));
+        } else {  // scaled here once (the 16-bit path scales its fp32 scores instead)
+          _mm512_storeu_ps(s.q + r * dp + d, _mm512_mul_ps(load16(src, p.type, m), score_scale));
+        }
       }
     }
     if (lo >= hi) lo = hi = 0;  // an empty row
