@@ -67,6 +67,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace vllm_pfa {
@@ -380,7 +381,8 @@ void products_16bit(const Problem& p, int64_t m_rows, int64_t n_cols, int64_t de
 // [-0.5, 0.5] (minimax by reweighted least squares), against degree 7 for the fp32 path. 2^0 still rounds to
 // exactly 1. With AVX512-BF16, one VCVTNEPS2BF16 rounds to nearest even (its denormal flush never applies: weights
 // are 0 or >= 2^-126).
-enum class WeightFormat : int { kFloat16, kBFloat16, kBFloat16Instruction };
+// kFloat32: the fp32 products' weights, unrounded and written over their scores (degree 7, as the general path).
+enum class WeightFormat : int { kFloat32, kFloat16, kBFloat16, kBFloat16Instruction };
 
 // Minimax on [-0.5, 0.5] (reweighted least squares): degree 5 for fp16 weights, 4 for bf16.
 constexpr float kExp2Float16Weights[] = {1.327483681961894e-03f, 9.67552699148655e-03f, 5.550718307495117e-02f,
@@ -390,6 +392,7 @@ constexpr float kExp2BFloat16Weights[] = {9.568454697728157e-03f, 5.591772124171
 
 template <WeightFormat kFormat>
 inline __m512 exp2_weights(__m512 x) {
+  if constexpr (kFormat == WeightFormat::kFloat32) return exp2_nonpositive(x, kExp2Float32);
   if constexpr (kFormat == WeightFormat::kFloat16) return exp2_nonpositive(x, kExp2Float16Weights);
   return exp2_nonpositive(x, kExp2BFloat16Weights);
 }
@@ -401,18 +404,20 @@ inline __m256i narrow_weights(__m512 x) {
   return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
 }
 
-// One row's online-softmax step over one key block, for the 16-bit products with a positive scale (every real
-// model): the block max is taken over the raw fp32 products (scaling by s > 0 keeps their order) and each weight is
+// One row's online-softmax step over one key block where its scores are finite: the fp32 products' (scaled already,
+// through Q) and the 16-bit products' with a positive scale (every real model). For the latter the block max is taken over the raw fp32 products (scaling by s > 0 keeps their order) and each weight is
 // exp2(round(x * s) - round(max * s)), so the scores are read twice and never written back (the general path
 // scales and stores them first); a row that keeps every column of [score_lo, score_hi), all but the diagonal
 // blocks of a causal row, skips the column masks. Measured on AMX (2 cores), where the products are cheap and this
 // loop is most of the kernel's time: per 16 scores one load, max and add in the first pass, and in the second a
-// load-multiply, a subtraction, the polynomial, the rounding, a store and the sum. Returns false, having changed
+// load-multiply, a subtraction, the polynomial, the rounding, a store and the sum. The fp32 weights overwrite their
+// scores (probs is the row). Returns false, having changed
 // nothing, where the general path must decide: a NaN or inf among the kept scores (their sum is not finite: a
 // huge finite sum is sent there too, harmlessly), a NaN row state, a scaled max that overflows.
 template <WeightFormat kFormat>
-bool softmax_row_positive_scale(const float* row, uint16_t* probs, int64_t lo, int64_t hi, int64_t score_lo,
-                                int64_t score_hi, float scale_value, float* row_max, float* row_sum, float* alpha) {
+bool softmax_row_finite(const float* row, std::conditional_t<kFormat == WeightFormat::kFloat32, float, uint16_t>* probs,
+                        int64_t lo, int64_t hi, int64_t score_lo, int64_t score_hi, float scale_value, float* row_max,
+                        float* row_sum, float* alpha) {
   constexpr ElementType type = kFormat == WeightFormat::kFloat16 ? ElementType::kFloat16 : ElementType::kBFloat16;
   const __m512 zero = _mm512_setzero_ps();
   __m512 vmax = _mm512_set1_ps(-kInf), vcheck = zero;
@@ -436,6 +441,12 @@ bool softmax_row_positive_scale(const float* row, uint16_t* probs, int64_t lo, i
     // kept column's argument is <= 0 (rounding is monotonic). A fused x * s - max * s would leave the product's
     // rounding error, which for huge scores is a huge negative number (exp2 of it: 0); the empty asm keeps the
     // compiler from contracting the two into an FMA. Columns not kept may hold anything: masked to 0 after exp2.
+    if constexpr (kFormat == WeightFormat::kFloat32) {
+      const __m512 e = _mm512_maskz_mov_ps(kept, exp2_weights<kFormat>(_mm512_sub_ps(_mm512_loadu_ps(row + c), shift)));
+      _mm512_storeu_ps(probs + c, e);
+      vsum = _mm512_add_ps(vsum, e);
+      return;
+    }
     __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(row + c), scale);
     __asm__("" : "+v"(scaled));
     const __m256i narrow =
@@ -635,14 +646,19 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
         s.alpha[r] = 1.0f;
         continue;
       }
-      if (kMatrix && p.score_scale > 0.0f) {
-        const auto softmax = p.type == ElementType::kFloat16 ? softmax_row_positive_scale<WeightFormat::kFloat16>
-                             : p.bf16_instructions ? softmax_row_positive_scale<WeightFormat::kBFloat16Instruction>
-                                                   : softmax_row_positive_scale<WeightFormat::kBFloat16>;
-        if (softmax(row, probs, lo, hi, score_lo, score_hi, p.score_scale, s.row_max + r, s.row_sum + r,
-                    s.alpha + r)) {
-          continue;
+      if constexpr (kMatrix) {
+        if (p.score_scale > 0.0f) {
+          const auto softmax = p.type == ElementType::kFloat16 ? softmax_row_finite<WeightFormat::kFloat16>
+                               : p.bf16_instructions ? softmax_row_finite<WeightFormat::kBFloat16Instruction>
+                                                     : softmax_row_finite<WeightFormat::kBFloat16>;
+          if (softmax(row, probs, lo, hi, score_lo, score_hi, p.score_scale, s.row_max + r, s.row_sum + r,
+                      s.alpha + r)) {
+            continue;
+          }
         }
+      } else if (softmax_row_finite<WeightFormat::kFloat32>(row, row, lo, hi, score_lo, score_hi, 1.0f, s.row_max + r,
+                                                            s.row_sum + r, s.alpha + r)) {
+        continue;
       }
       __m512 vmax = neg_inf;
       __mmask16 nan = 0;
