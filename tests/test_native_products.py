@@ -93,20 +93,24 @@ def test_diagonal_chunks_match_reference(products, mode, extra):
         not _has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")),
 ])
 @pytest.mark.parametrize("head_dim", [64, 40])
-def test_mha_query_rows_read_in_place(products, head_dim):
-    """MHA's query rows (one head's positions at one stride) go to the 16-bit products in place where the head dim
-    needs no padding, copied where it does (40). The kernel takes any row stride: here Q, K and V are column slices
-    of one fused projection output, so a row's stride is three heads' rows wider than Q's own."""
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_query_rows_read_in_place(products, head_dim, kv_heads):
+    """Query rows go to the 16-bit products in place where the head dim needs no padding (one call per query head
+    of a kv head's group: its positions at one stride), copied where it does (40). The kernel takes any row stride:
+    here Q, K and V are column slices of one fused projection output, so a row's stride is wider than Q's own. MHA,
+    GQA 4/2 and MQA 4/1."""
     gen = torch.Generator().manual_seed(13)
     heads, tokens = 4, 300
-    qkv = torch.randn(1, tokens, 3 * heads * head_dim, generator=gen).bfloat16()
-    q, k, v = (part.view(1, tokens, heads, head_dim) for part in qkv.split(heads * head_dim, dim=-1))
-    assert q.stride(1) == 3 * heads * head_dim
+    qkv = torch.randn(1, tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).bfloat16()
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(1, tokens, heads, head_dim)
+    k, v = (t.view(1, tokens, kv_heads, head_dim) for t in (k, v))
+    assert q.stride(1) == (heads + 2 * kv_heads) * head_dim
     out = torch.empty_like(q.contiguous())
     native_kernel.extension().prefill_attention(*(t.transpose(1, 2) for t in (q, k, v, out)), [tokens], [tokens],
                                                 [-tokens - 1], [0], head_dim ** -0.5, products)
-    kwargs = dict(num_heads=heads, input_layout="BSND", scale_value=head_dim ** -0.5, sparse_mode=3,
-                  atten_mask=compressed_causal_mask(), actual_seq_lengths=[tokens])
+    kwargs = dict(num_heads=heads, num_key_value_heads=kv_heads, input_layout="BSND", scale_value=head_dim ** -0.5,
+                  sparse_mode=3, atten_mask=compressed_causal_mask(), actual_seq_lengths=[tokens])
     _assert_matches_reference(q.contiguous(), k.contiguous(), v.contiguous(), kwargs, out)
 
 

@@ -39,10 +39,11 @@
 // second, warm conversion of the same unit costs 2-5%, so the first one waits on memory (cold K/V rows a token
 // apart). Tried and not kept (5 rounds, medians): converting the next unit's K/V while attending the current one
 // (a tile between softmax rows, its rows prefetched two tiles ahead, two copies in L2): +0.4-2.8%; prefetching the
-// output rows for writing: +3% at D64 S=512 only. Kept: MHA's query rows read in place by the products instead of
-// copied first (5 rounds, medians): S=512 D64 +7.6%, D128 +5.6%; S=1024 +1%; GQA, whose rows interleave heads,
-// copies as before. One build's rate on one shape varies between processes: MHA D64 S=512 read 203-280 GFLOP/s, so
-// compare medians of several alternating runs.
+// output rows for writing: +3% at D64 S=512 only; prefetching K/V rows 16 or 32 keys ahead in the conversion: no
+// gain (-14% to +8%, noise). Kept: the query rows read in place by the products instead of copied first (5 rounds,
+// medians): MHA S=512 D64 +7.6%, D128 +5.6%; S=1024 +1%; GQA (a call per query head) S=512 +2%. One build's rate
+// on one shape varies between processes: MHA D64 S=512 read 203-280 GFLOP/s, so compare medians of several
+// alternating runs (here also over fresh input allocations within each run).
 // On AMX (Sapphire Rapids class, N32/8 D128 S=2048) the products are several times faster and the rest dominates:
 // the online softmax and its bookkeeping ~51%, the products ~34%, PyTorch's brgemm dispatch (a kernel-cache lookup
 // per call) ~8%, packing ~2%; 30-43% of the bf16 GEMM rate, 0.53-0.80x vLLM's AMX kernel. The softmax step now
@@ -516,11 +517,11 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
     return at_element(p.q, p.type,
                       batch * p.qs.batch + (kv_head * group + r % group) * p.qs.head + (first + r / group) * p.qs.seq);
   };
-  // MHA's rows are one head's positions at one stride: with no padded dims the 16-bit products read them in place.
-  // Copied, each row (a token apart, a page apart where tokens are wide) is a cache miss the copy waits on.
-  const bool q_in_place = kMatrix && group == 1 && p.head_dim == dp;
-  const uint16_t* q16 = q_in_place ? reinterpret_cast<const uint16_t*>(query_row(0)) : s.q16;
-  const int64_t q16_stride = q_in_place ? p.qs.seq : dp;
+  // One query head's rows are its positions at one stride: with no padded dims the 16-bit products read them in
+  // place, a call per head of the group. Copied, each row (a token apart, a page apart where tokens are wide) is a
+  // cache miss the copy waits on. Zen 4, bf16 causal, S=512: MHA +6-8%; GQA +2% (four calls of a quarter the rows
+  // cost about what the copy did), S >= 1024 within 1%.
+  const bool q_in_place = kMatrix && p.head_dim == dp;
   // Query rows of one head sit a whole token apart (BSND), which the hardware prefetcher does not follow: the copy
   // prefetches them.
   constexpr int64_t kPrefetchAhead = 8;
@@ -613,8 +614,16 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       // [group rows x dp] Q times K^T's [dp x group columns].
       const uint16_t* kt = static_cast<const uint16_t*>(key_t) + (block_start / kKeyBlock) * dp * kKeyBlock;
       for_each_group([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-        products_16bit(p, r1 - r0, c1 - c0, dp, q16_stride, kKeyBlock, kKeyBlock, false, q16 + r0 * q16_stride,
-                       kt + 2 * c0, s.scores + r0 * kKeyBlock + c0);
+        if (!q_in_place) {
+          products_16bit(p, r1 - r0, c1 - c0, dp, dp, kKeyBlock, kKeyBlock, false, s.q16 + r0 * dp, kt + 2 * c0,
+                         s.scores + r0 * kKeyBlock + c0);
+          return;
+        }
+        for (int64_t h = 0; h < group; ++h) {  // head h's rows: positions at Q's seq stride, every group-th score row
+          products_16bit(p, (r1 - r0) / group, c1 - c0, dp, p.qs.seq, kKeyBlock, group * kKeyBlock, false,
+                         reinterpret_cast<const uint16_t*>(query_row(r0 + h)), kt + 2 * c0,
+                         s.scores + (r0 + h) * kKeyBlock + c0);
+        }
       });
     } else {
       // Scores, one 64-key panel of K at a time so the panel stays in L1 across all row tiles.
