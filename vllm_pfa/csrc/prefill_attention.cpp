@@ -44,6 +44,10 @@
 // medians): MHA S=512 D64 +7.6%, D128 +5.6%; S=1024 +1%; GQA (a call per query head) S=512 +2%. One build's rate
 // on one shape varies between processes: MHA D64 S=512 read 203-280 GFLOP/s, so compare medians of several
 // alternating runs (here also over fresh input allocations within each run).
+// The fp32 products (fp16 inputs there: no AMX-FP16), N32/32 D64 S=512: attend_block (the FMA tiles, most of it)
+// 80% of the kernel's samples, converting K/V 11%, the softmax 9% (after its fast step, which gained 12% there).
+// Tried and not kept: P V reading the input's V rows in place (converted as they are loaded) instead of from the
+// fp32 copy: -4% to -6% (rows a token apart, missed by the hardware prefetcher, against a copy in L2).
 // On AMX (Sapphire Rapids class, N32/8 D128 S=2048) the products are several times faster and the rest dominates:
 // the online softmax and its bookkeeping ~51%, the products ~34%, PyTorch's brgemm dispatch (a kernel-cache lookup
 // per call) ~8%, packing ~2%; 30-43% of the bf16 GEMM rate, 0.53-0.80x vLLM's AMX kernel. The softmax step now
