@@ -450,20 +450,23 @@ bool softmax_row_finite(const float* row, std::conditional_t<kFormat == WeightFo
   const __m512i ones = _mm512_set1_epi16(0x3F80);
   __m512 vsum = zero;
   auto weights = [&](int64_t c, __mmask16 kept) {
-    if constexpr (kFormat == WeightFormat::kFloat32) {  // scaled already; columns not kept: 0 after exp2
-      const __m512 e = _mm512_maskz_mov_ps(kept, exp2_weights<kFormat>(_mm512_sub_ps(_mm512_loadu_ps(row + c), shift)));
+    // round(x * s) - round(max * s), two roundings as in the general path: the row's max weighs exactly 1, and a
+    // kept column's argument is <= 0 (rounding is monotonic). A fused x * s - max * s would leave the product's
+    // rounding error, which for huge scores is a huge negative number (exp2 of it: 0); the empty asm keeps the
+    // compiler from contracting the two into an FMA. The fp32 products' scores are scaled already. Columns not kept
+    // may hold anything: masked to 0 after exp2.
+    __m512 scaled = _mm512_loadu_ps(row + c);
+    if constexpr (kFormat != WeightFormat::kFloat32) {
+      scaled = _mm512_mul_ps(scaled, scale);
+      __asm__("" : "+v"(scaled));
+    }
+    const __m512 e = _mm512_maskz_mov_ps(kept, exp2_weights<kFormat>(_mm512_sub_ps(scaled, shift)));
+    if constexpr (kFormat == WeightFormat::kFloat32) {
       _mm512_storeu_ps(probs + c, e);
       vsum = _mm512_add_ps(vsum, e);
       return;
     }
-    // round(x * s) - round(max * s), two roundings as in the general path: the row's max weighs exactly 1, and a
-    // kept column's argument is <= 0 (rounding is monotonic). A fused x * s - max * s would leave the product's
-    // rounding error, which for huge scores is a huge negative number (exp2 of it: 0); the empty asm keeps the
-    // compiler from contracting the two into an FMA. Columns not kept may hold anything: masked to 0 after exp2.
-    __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(row + c), scale);
-    __asm__("" : "+v"(scaled));
-    const __m256i narrow =
-        narrow_weights<kFormat>(_mm512_maskz_mov_ps(kept, exp2_weights<kFormat>(_mm512_sub_ps(scaled, shift))));
+    const __m256i narrow = narrow_weights<kFormat>(e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + c), narrow);
     if constexpr (kFormat == WeightFormat::kBFloat16Instruction) {
       vsum = _mm512_dpbf16_ps(vsum, reinterpret_cast<__m512bh>(_mm512_zextsi256_si512(narrow)),
