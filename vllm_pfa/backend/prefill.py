@@ -183,8 +183,6 @@ def mask_arguments(sliding_window: int | None, causal: bool = True) -> dict:
                 next_tokens=0 if causal else sliding_window - 1)
 
 
-
-
 def _pack(tokens: torch.Tensor, call: PFACall, name: str) -> torch.Tensor:
     """[T, heads, D] new tokens -> [B, max_query_len, heads, D] (BSND), padded on the right (staging buffers)."""
     if call.num_requests == 1:
