@@ -1,7 +1,8 @@
 """Where a prefill step's attention time goes in the PFA backend: metadata build, pack/gather, the operator
 (its kernel, and its own repaging), unpack. Attention layers of the benchmark model's shape (32 query heads, 8 kv
 heads, head_dim 128) and of the embedded SmolLM2-135M-Instruct's (9 query heads, 3 kv heads, head_dim 64), bf16,
-real vLLM builders and cache, torch.profiler ranges.
+real vLLM builders and cache, torch.profiler ranges; the backend's overhead (build, pack/gather, unpack) also timed
+without the profiler, as a cross-check of its small ranges.
 
 Then attention's share of the whole model's time, end to end: the embedded model on bench_e2e.py's prefill-heavy
 workload, each backend in a process of its own (attention_share_run.py), timing the attention layers' forward calls
@@ -15,17 +16,22 @@ import argparse
 import itertools
 import json
 import math
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import torch
 from torch.profiler import profile, record_function
 
 from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from vllm_pfa.backend import prefill
 from vllm_pfa.backend.pfa_attn import PFAAttentionImpl, PFAMetadataBuilder
 from vllm_pfa.model_builder import build_model
 from vllm_pfa.testing import make_paged_batch
@@ -73,7 +79,50 @@ def profile_scenario(requests, config, spec, repeats=5) -> dict:
     parts = {name: totals.get(name, 0.0) for name in RANGES}
     overhead = parts["build"] + parts["pfa_backend.pack_and_gather"] + parts["pfa_backend.unpack"]
     return dict(step_ms=step_ms, parts_ms=parts, backend_overhead_ms=overhead,
-                backend_overhead_share=overhead / step_ms)
+                backend_overhead_share=overhead / step_ms,
+                wall_clock=wall_clock(lambda: builder.build(0, common),
+                                      lambda metadata: impl.forward(layer, query, key, value, kv_cache, metadata,
+                                                                    output), repeats=4 * repeats))
+
+
+def wall_clock(build, forward, repeats) -> dict:
+    """The same step without the profiler (which adds a cost to every op it records, so to the backend's many small
+    ones): median times of the step, the build, and the operator and existing path timed around their entry points;
+    the backend's overhead is the rest of the step."""
+    timed = {"operator": [0.0], "existing_path": [0.0]}
+
+    def timing(fn, name):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timed[name][-1] += time.perf_counter() - start
+        return run
+
+    samples = {"step": [], "build": [], "operator": [], "existing_path": []}
+    with (mock.patch.object(prefill.native_kernel, "prompt_flash_attention_into",
+                            timing(prefill.native_kernel.prompt_flash_attention_into, "operator")),
+          mock.patch.object(prefill, "npu_prompt_flash_attention",
+                            timing(prefill.npu_prompt_flash_attention, "operator")),
+          mock.patch.object(CPUAttentionBackendImpl, "forward",
+                            timing(CPUAttentionBackendImpl.forward, "existing_path"))):
+        for i in range(repeats + 1):
+            timed["operator"].append(0.0)
+            timed["existing_path"].append(0.0)
+            start = time.perf_counter()
+            metadata = build()
+            built = time.perf_counter()
+            forward(metadata)
+            done = time.perf_counter()
+            if i:  # the first is a warm-up
+                samples["step"].append(done - start)
+                samples["build"].append(built - start)
+                samples["operator"].append(timed["operator"][-1])
+                samples["existing_path"].append(timed["existing_path"][-1])
+    ms = {name: statistics.median(values) * 1e3 for name, values in samples.items()}
+    overhead = ms["step"] - ms["operator"] - ms["existing_path"]
+    return dict(ms, backend_overhead_ms=overhead, backend_overhead_share=overhead / ms["step"])
 
 
 SHARE_RUN = Path(__file__).parent / "attention_share_run.py"
@@ -118,19 +167,24 @@ def main() -> None:
             name = f"{layer_name}: {scenario}"
             print(f"profiling: {name} ...", file=sys.stderr, flush=True)
             r = results[name] = profile_scenario(requests, config, spec)
-            p = r["parts_ms"]
+            p, w = r["parts_ms"], r["wall_clock"]
             print(f"{name:42s} step {r['step_ms']:7.2f} ms | build {p['build']:.2f} | pack+gather "
                   f"{p['pfa_backend.pack_and_gather']:.2f} | operator {p['pfa_backend.operator']:.2f} (kernel "
                   f"{p['_C::cpu_attention_with_kv_cache']:.2f}, decode included) | decode "
                   f"{p['pfa_backend.existing_path']:.2f} | unpack {p['pfa_backend.unpack']:.2f} ms | "
-                  f"backend overhead {100 * r['backend_overhead_share']:.1f}%", flush=True)
+                  f"backend overhead {100 * r['backend_overhead_share']:.1f}% (profiled), "
+                  f"{100 * w['backend_overhead_share']:.1f}% (timed: step {w['step']:.2f} ms, build {w['build']:.2f}, "
+                  f"operator {w['operator']:.2f}, existing path {w['existing_path']:.2f}, the rest "
+                  f"{w['backend_overhead_ms'] - w['build']:.2f})", flush=True)
     shown = {"metadata build": "build", "pack + gather": "pfa_backend.pack_and_gather",
              "PFA operator": "pfa_backend.operator", "decode (existing path)": "pfa_backend.existing_path",
              "unpack": "pfa_backend.unpack"}
     grouped_bars(args.out / "profile_backend.png",
-                 [f"{name}\n(overhead {100 * r['backend_overhead_share']:.1f}%)" for name, r in results.items()],
+                 [f"{name}\n(overhead {100 * r['wall_clock']['backend_overhead_share']:.1f}% timed, "
+                  f"{100 * r['backend_overhead_share']:.1f}% profiled)" for name, r in results.items()],
                  {label: [r["parts_ms"][key] for r in results.values()] for label, key in shown.items()},
-                 ylabel="ms per step (one layer)", title="Where a step's attention time goes in the PFA backend",
+                 ylabel="ms per step (one layer, under torch.profiler)",
+                 title="Where a step's attention time goes in the PFA backend",
                  figsize=(14, 5))
     share = attention_share()
     for backend, run in share["runs"].items():
