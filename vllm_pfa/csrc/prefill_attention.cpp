@@ -48,6 +48,12 @@
 // 80% of the kernel's samples, converting K/V 11%, the softmax 9% (after its fast step, which gained 12% there).
 // Tried and not kept: P V reading the input's V rows in place (converted as they are loaded) instead of from the
 // fp32 copy: -4% to -6% (rows a token apart, missed by the hardware prefetcher, against a copy in L2).
+// Also tried and not kept, as in-process A/Bs (a run-time switch, the variants' calls alternating in one process with
+// a 64 MB write between calls, 30 calls each; Zen 4, bf16 causal, S=512-2048): prefetching the next unit's K, V and
+// Q rows (each thread claiming its next unit ahead) a few lines per softmax row while attending the current unit:
+// -0.5% to -3%; two accumulators in the softmax's max and sum loops: 0 to +0.7%; one FMA for x * s - max * s where
+// |max * s| < 2^8 (its weights then round differently from the general path's in rare cases): 0 to +1.3%. A
+// cross-process A/B of the prefetch had read +3% to +12%: between processes this machine's spread exceeds such effects.
 // On AMX (Sapphire Rapids class, N32/8 D128 S=2048) the products are several times faster and the rest dominates:
 // the online softmax and its bookkeeping ~51%, the products ~34%, PyTorch's brgemm dispatch (a kernel-cache lookup
 // per call) ~8%, packing ~2%; 30-43% of the bf16 GEMM rate, 0.53-0.80x vLLM's AMX kernel. The softmax step now
