@@ -149,11 +149,15 @@ def bench_shape(shape: dict, with_reference: bool) -> dict:
     kwargs = dict(num_heads=heads, num_key_value_heads=kv_heads, input_layout="BSND", scale_value=scale,
                   sparse_mode=3, atten_mask=mask, actual_seq_lengths=lens, actual_seq_lengths_kv=lens)
     flops = causal_flops(heads, dim, lens, lens)
+    pfa = lambda: npu_prompt_flash_attention(q, k, v, **kwargs)  # noqa: E731
     seconds = timeit_interleaved({
         "vllm_cpu_kernel": vllm_kernel_call(q, k, v, lens, scale),
-        "pfa": lambda: npu_prompt_flash_attention(q, k, v, **kwargs),
+        "pfa": pfa,
         "sdpa": sdpa_call(q, k, v, lens, scale),
     })
+    # PFA's calls back to back too, as the limits are measured: the calls it alternates with above leave it slower
+    # at short sequences (measured at bf16 MHA D64 S=512: 211 interleaved, 228-246 alone, GFLOP/s)
+    seconds["pfa_alone"] = timeit(pfa)
     if with_reference and seq <= 1024:
         seconds["reference"] = timeit(lambda: reference_npu_prompt_flash_attention(q, k, v, **kwargs), 1, 0.0)
     gflops = {name: flops / s / 1e9 for name, s in seconds.items()}
@@ -211,11 +215,14 @@ def main() -> None:
     # limit the kernel's fp32 products are not bound by)
     product_limits = {name: (gemm[name], f"torch.matmul {name}") if products[name] == "input_dtype"
                       else (limits["fp32_peak_gflops"], "the fp32 peak") for name in DTYPES}
-    print("PFA as a share of the limit of its products, measured in this run (the higher of the two measurements):")
+    print("PFA as a share of the limit of its products, measured in this run (the higher of the two measurements), "
+          "PFA timed between the other kernels / back to back (as the limits are):")
     for r in results:
         limit, limit_name = product_limits[r["dtype"]]
         r["pfa_share_of_limit"], r["limit"] = r["gflops"]["pfa"] / limit, limit_name
-        print(f"  {label(r):44s} {100 * r['pfa_share_of_limit']:4.0f}% of {limit_name} ({limit:.0f} GFLOP/s)")
+        r["pfa_alone_share_of_limit"] = r["gflops"]["pfa_alone"] / limit
+        print(f"  {label(r):44s} {100 * r['pfa_share_of_limit']:4.0f}% / {100 * r['pfa_alone_share_of_limit']:4.0f}% "
+              f"of {limit_name} ({limit:.0f} GFLOP/s)")
     ratios = [r["ratio_pfa_vs_kernel"] for r in results]
     by_dtype = {name: statistics.geometric_mean([r["ratio_pfa_vs_kernel"] for r in results if r["dtype"] == name])
                 for name in DTYPES if any(r["dtype"] == name for r in results)}
