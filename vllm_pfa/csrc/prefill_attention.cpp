@@ -39,11 +39,11 @@
 // second, warm conversion of the same unit costs 2-5%, so the first one waits on memory (cold K/V rows a token
 // apart). Tried and not kept (5 rounds, medians): converting the next unit's K/V while attending the current one
 // (a tile between softmax rows, its rows prefetched two tiles ahead, two copies in L2): +0.4-2.8%; prefetching the
-// output rows for writing: +3% at D64 S=512 only; prefetching K/V rows 16 or 32 keys ahead in the conversion: no
-// gain (-14% to +8%, noise). Kept: the query rows read in place by the products instead of copied first (5 rounds,
-// medians): MHA S=512 D64 +7.6%, D128 +5.6%; S=1024 +1%; GQA (a call per query head) S=512 +2%. One build's rate
-// on one shape varies between processes: MHA D64 S=512 read 203-280 GFLOP/s, so compare medians of several
-// alternating runs (here also over fresh input allocations within each run).
+// output rows for writing: +3% at D64 S=512 only. Kept: prefetching K/V rows two tiles ahead in the conversion (read
+// as noise between processes; measured in one process later, below); the query rows read in place by the products
+// instead of copied first (5 rounds, medians): MHA S=512 D64 +7.6%, D128 +5.6%; S=1024 +1%; GQA (a call per query
+// head) S=512 +2%. One build's rate on one shape varies between processes: MHA D64 S=512 read 203-280 GFLOP/s, so
+// compare medians of several alternating runs (here also over fresh input allocations within each run).
 // The fp32 products (fp16 inputs there: no AMX-FP16), N32/32 D64 S=512: attend_block (the FMA tiles, most of it)
 // 80% of the kernel's samples, converting K/V 11%, the softmax 9% (after its fast step, which gained 12% there).
 // Tried and not kept: P V reading the input's V rows in place (converted as they are loaded) instead of from the
@@ -54,6 +54,10 @@
 // -0.5% to -3%; two accumulators in the softmax's max and sum loops: 0 to +0.7%; one FMA for x * s - max * s where
 // |max * s| < 2^8 (its weights then round differently from the general path's in rare cases): 0 to +1.3%. A
 // cross-process A/B of the prefetch had read +3% to +12%: between processes this machine's spread exceeds such effects.
+// Kept, measured that way: the conversion prefetches K/V rows two 16-key tiles ahead (K/V rows a token apart, each on
+// another 4 KB page, which the hardware prefetchers do not follow; head-major inputs measured up to 16% faster):
+// bf16 MHA D64 S=512 +3.5% (+2.1% without the write between calls), D128 S=512 +2%, S=1024 +1.5%; fp16 MHA D64
+// S=512 +3.7%, D128 +1.6%; GQA within 1%. One, two or four tiles ahead: the same within 0.5%.
 // On AMX (Sapphire Rapids class, N32/8 D128 S=2048) the products are several times faster and the rest dominates:
 // the online softmax and its bookkeeping ~51%, the products ~34%, PyTorch's brgemm dispatch (a kernel-cache lookup
 // per call) ~8%, packing ~2%; 30-43% of the bf16 GEMM rate, 0.53-0.80x vLLM's AMX kernel. The softmax step now
@@ -267,12 +271,28 @@ inline const char* key_row(const Problem& p, const void* base, const Strides& st
   return at_element(base, p.type, batch * st.batch + kv_head * st.head + key * st.seq);
 }
 
+// The K and V rows of keys [begin, end) of one kv head, prefetched: the conversions ask for their rows two tiles ahead
+// (see the header).
+constexpr int64_t kPrefetchKeys = 32;
+inline void prefetch_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t begin, int64_t end) {
+  const int64_t row_bytes = p.head_dim * element_bytes(p.type);
+  for (int64_t key = begin; key < end; ++key) {
+    prefetch_row(key_row(p, p.k, p.ks, batch, kv_head, key), row_bytes);
+    prefetch_row(key_row(p, p.v, p.vs, batch, kv_head, key), row_bytes);
+  }
+}
+
 // Keys [key_start, key_end) of one kv head into fp32: K transposed per key block ([block][dim][kKeyBlock]) and V
 // row-major ([key][padded_dim]); keys past kv_len and dims past head_dim are 0 (finite, so masked products vanish).
 void convert_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t kv_len, int64_t key_start, int64_t key_end,
                   float* key_t, float* value, uint8_t* nonfinite_tiles) {
   const int64_t dp = p.padded_dim;
+  // a range of one tile is a caller's walk over tiles (which the previous call prefetched), else the first two tiles
+  if (key_end - key_start > 16) {
+    prefetch_keys(p, batch, kv_head, key_start, std::min(key_start + kPrefetchKeys, kv_len));
+  }
   for (int64_t tile = key_start; tile < key_end; tile += 16) {
+    prefetch_keys(p, batch, kv_head, tile + kPrefetchKeys, std::min(tile + kPrefetchKeys + 16, kv_len));
     float* kt = key_t + (tile / kKeyBlock) * dp * kKeyBlock + tile % kKeyBlock;
     for (int64_t d = 0; d < dp; d += 16) {  // 16 keys x 16 dims, transposed
       __m512i block[16];
@@ -319,7 +339,11 @@ void pack_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t kv_len,
     const __mmask32 m = key >= kv_len ? __mmask32(0) : n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
     return _mm512_maskz_loadu_epi16(m, at_element(key_row(p, base, st, batch, kv_head, key), p.type, d));
   };
+  if (key_end - key_start > 16) {
+    prefetch_keys(p, batch, kv_head, key_start, std::min(key_start + kPrefetchKeys, kv_len));
+  }
   for (int64_t tile = key_start; tile < key_end; tile += 16) {
+    prefetch_keys(p, batch, kv_head, tile + kPrefetchKeys, std::min(tile + kPrefetchKeys + 16, kv_len));
     // K^T: a key's dim pair is one 32-bit word, so 16 keys x 16 pairs is one 32-bit transpose
     auto* kt = reinterpret_cast<uint32_t*>(key_t + (tile / kKeyBlock) * dp * kKeyBlock) + tile % kKeyBlock;
     for (int64_t d = 0; d < dp; d += 32) {
