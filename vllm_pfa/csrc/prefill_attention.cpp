@@ -54,8 +54,8 @@
 // -0.5% to -3%; two accumulators in the softmax's max and sum loops: 0 to +0.7%; one FMA for x * s - max * s where
 // |max * s| < 2^8 (its weights then round differently from the general path's in rare cases): 0 to +1.3%. A
 // cross-process A/B of the prefetch had read +3% to +12%: between processes this machine's spread exceeds such effects.
-// Kept, measured that way: the conversion prefetches K/V rows two 16-key tiles ahead (K/V rows a token apart, each on
-// another 4 KB page, which the hardware prefetchers do not follow; head-major inputs measured up to 16% faster):
+// Kept, measured that way: the conversion prefetches K/V rows two 16-key tiles ahead (rows a token apart, 4 KB at
+// 32 heads x D64 bf16, which the hardware prefetchers do not follow; head-major inputs measured up to 16% faster):
 // bf16 MHA D64 S=512 +3.5% (+2.1% without the write between calls), D128 S=512 +2%, S=1024 +1.5%; fp16 MHA D64
 // S=512 +3.7%, D128 +1.6%; GQA within 1%. One, two or four tiles ahead: the same within 0.5%.
 // On AMX (Sapphire Rapids class, N32/8 D128 S=2048) the products are several times faster and the rest dominates:
