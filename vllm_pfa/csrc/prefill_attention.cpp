@@ -282,17 +282,23 @@ inline void prefetch_keys(const Problem& p, int64_t batch, int64_t kv_head, int6
   }
 }
 
+// What a conversion of keys [key_start, key_end) prefetches before its tile at `tile`: the tile two ahead, and at the
+// start the first two tiles (a range of one tile is a caller's walk over tiles, which the previous call prefetched).
+inline void prefetch_for_tile(const Problem& p, int64_t batch, int64_t kv_head, int64_t kv_len, int64_t key_start,
+                              int64_t key_end, int64_t tile) {
+  if (tile == key_start && key_end - key_start > 16) {
+    prefetch_keys(p, batch, kv_head, key_start, std::min(key_start + kPrefetchKeys, kv_len));
+  }
+  prefetch_keys(p, batch, kv_head, tile + kPrefetchKeys, std::min(tile + kPrefetchKeys + 16, kv_len));
+}
+
 // Keys [key_start, key_end) of one kv head into fp32: K transposed per key block ([block][dim][kKeyBlock]) and V
 // row-major ([key][padded_dim]); keys past kv_len and dims past head_dim are 0 (finite, so masked products vanish).
 void convert_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t kv_len, int64_t key_start, int64_t key_end,
                   float* key_t, float* value, uint8_t* nonfinite_tiles) {
   const int64_t dp = p.padded_dim;
-  // a range of one tile is a caller's walk over tiles (which the previous call prefetched), else the first two tiles
-  if (key_end - key_start > 16) {
-    prefetch_keys(p, batch, kv_head, key_start, std::min(key_start + kPrefetchKeys, kv_len));
-  }
   for (int64_t tile = key_start; tile < key_end; tile += 16) {
-    prefetch_keys(p, batch, kv_head, tile + kPrefetchKeys, std::min(tile + kPrefetchKeys + 16, kv_len));
+    prefetch_for_tile(p, batch, kv_head, kv_len, key_start, key_end, tile);
     float* kt = key_t + (tile / kKeyBlock) * dp * kKeyBlock + tile % kKeyBlock;
     for (int64_t d = 0; d < dp; d += 16) {  // 16 keys x 16 dims, transposed
       __m512i block[16];
@@ -339,11 +345,8 @@ void pack_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t kv_len,
     const __mmask32 m = key >= kv_len ? __mmask32(0) : n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
     return _mm512_maskz_loadu_epi16(m, at_element(key_row(p, base, st, batch, kv_head, key), p.type, d));
   };
-  if (key_end - key_start > 16) {
-    prefetch_keys(p, batch, kv_head, key_start, std::min(key_start + kPrefetchKeys, kv_len));
-  }
   for (int64_t tile = key_start; tile < key_end; tile += 16) {
-    prefetch_keys(p, batch, kv_head, tile + kPrefetchKeys, std::min(tile + kPrefetchKeys + 16, kv_len));
+    prefetch_for_tile(p, batch, kv_head, kv_len, key_start, key_end, tile);
     // K^T: a key's dim pair is one 32-bit word, so 16 keys x 16 pairs is one 32-bit transpose
     auto* kt = reinterpret_cast<uint32_t*>(key_t + (tile / kKeyBlock) * dp * kKeyBlock) + tile % kKeyBlock;
     for (int64_t d = 0; d < dp; d += 32) {
