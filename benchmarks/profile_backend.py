@@ -89,7 +89,7 @@ def wall_clock(build, forward, repeats) -> dict:
     """The same step without the profiler (which adds a cost to every op it records, so to the backend's many small
     ones): median times of the step, the build, and the operator and existing path timed around their entry points;
     the backend's overhead is the rest of the step."""
-    timed = {"operator": [0.0], "existing_path": [0.0]}
+    timed = {"operator": 0.0, "existing_path": 0.0}  # this step's, reset before each
 
     def timing(fn, name):
         def run(*args, **kwargs):
@@ -97,7 +97,7 @@ def wall_clock(build, forward, repeats) -> dict:
             try:
                 return fn(*args, **kwargs)
             finally:
-                timed[name][-1] += time.perf_counter() - start
+                timed[name] += time.perf_counter() - start
         return run
 
     samples = {"step": [], "build": [], "operator": [], "existing_path": []}
@@ -108,8 +108,7 @@ def wall_clock(build, forward, repeats) -> dict:
           mock.patch.object(CPUAttentionBackendImpl, "forward",
                             timing(CPUAttentionBackendImpl.forward, "existing_path"))):
         for i in range(repeats + 1):
-            timed["operator"].append(0.0)
-            timed["existing_path"].append(0.0)
+            timed.update(operator=0.0, existing_path=0.0)
             start = time.perf_counter()
             metadata = build()
             built = time.perf_counter()
@@ -118,8 +117,8 @@ def wall_clock(build, forward, repeats) -> dict:
             if i:  # the first is a warm-up
                 samples["step"].append(done - start)
                 samples["build"].append(built - start)
-                samples["operator"].append(timed["operator"][-1])
-                samples["existing_path"].append(timed["existing_path"][-1])
+                samples["operator"].append(timed["operator"])
+                samples["existing_path"].append(timed["existing_path"])
     ms = {name: statistics.median(values) * 1e3 for name, values in samples.items()}
     overhead = ms["step"] - ms["operator"] - ms["existing_path"]
     return dict(ms, backend_overhead_ms=overhead, backend_overhead_share=overhead / ms["step"])
