@@ -1,5 +1,7 @@
-"""The native kernel's 16-bit matrix products (oneDNN brgemm where the CPU has bf16/fp16 matrix instructions, an
-AVX-512F emulation of them on any AVX-512 CPU) and its in-place output for the backend."""
+"""The native kernel's 16-bit matrix products (where the CPU has bf16/fp16 matrix instructions: oneDNN's brgemm, or for
+bf16 on a CPU with AVX512-BF16 and no AMX the kernel's own VDPBF16PS register tiles, which "input_dtype" picks there and
+"input_dtype_onednn" leaves out; an AVX-512F emulation of them on any AVX-512 CPU) and its in-place output for the
+backend."""
 
 import math
 import os
@@ -25,6 +27,13 @@ def _has_matrix_instructions(dtype) -> bool:
     return native_kernel.extension().products_for(torch.zeros(1, dtype=dtype)) == "input_dtype"
 
 
+# The products on the instructions, where the CPU has them: the implementation "input_dtype" picks, and oneDNN's.
+def _hardware_bf16_params():
+    skip = pytest.mark.skipif(not _has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")
+    return [pytest.param("input_dtype", marks=skip, id="hardware_bf16"),
+            pytest.param("input_dtype_onednn", marks=skip, id="hardware_bf16_onednn")]
+
+
 def _op_with_products(products, q, k, v, kwargs, monkeypatch):
     calls = []
     run = native_kernel.run
@@ -36,10 +45,9 @@ def _op_with_products(products, q, k, v, kwargs, monkeypatch):
 
 
 @pytest.mark.parametrize("products,dtypes", [
-    ("input_dtype_emulated", SIXTEEN_BIT),
-    pytest.param("input_dtype", (torch.bfloat16,), marks=pytest.mark.skipif(
-        not _has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")),
-], ids=["emulated", "hardware_bf16"])
+    pytest.param("input_dtype_emulated", SIXTEEN_BIT, id="emulated"),
+    *(pytest.param(p.values[0], (torch.bfloat16,), marks=p.marks, id=p.id) for p in _hardware_bf16_params()),
+])
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_16bit_products_match_reference(products, dtypes, data):
@@ -54,8 +62,8 @@ def test_16bit_products_match_reference(products, dtypes, data):
     _assert_matches_reference(q, k, v, kwargs, actual)
 
 
-@pytest.mark.skipif(not _has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")
-def test_emulation_agrees_with_the_instructions():
+@pytest.mark.parametrize("products", _hardware_bf16_params())
+def test_emulation_agrees_with_the_instructions(products):
     """Exact products, fp32 sums: the two differ only in the order of the sums (and so in rounding); P is rounded by
     AVX512-BF16's conversion in one and by AVX-512F code in the other, to the same values."""
     gen = torch.Generator().manual_seed(3)
@@ -63,16 +71,12 @@ def test_emulation_agrees_with_the_instructions():
     kwargs = dict(num_heads=8, input_layout="BSND", scale_value=128 ** -0.5, sparse_mode=3,
                   atten_mask=compressed_causal_mask(), actual_seq_lengths=[700, 333])
     with pytest.MonkeyPatch.context() as monkeypatch:
-        hardware = _op_with_products("input_dtype", q, k, v, kwargs, monkeypatch)
+        hardware = _op_with_products(products, q, k, v, kwargs, monkeypatch)
         emulated = _op_with_products("input_dtype_emulated", q, k, v, kwargs, monkeypatch)
     torch.testing.assert_close(hardware.float(), emulated.float(), atol=8e-3, rtol=8e-3)
 
 
-@pytest.mark.parametrize("products", [
-    "input_dtype_emulated",
-    pytest.param("input_dtype", marks=pytest.mark.skipif(
-        not _has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")),
-])
+@pytest.mark.parametrize("products", ["input_dtype_emulated", *_hardware_bf16_params()])
 @pytest.mark.parametrize("mode,extra", [(3, {}), (4, {"pre_tokens": 40, "next_tokens": 0})], ids=["causal", "window"])
 def test_diagonal_chunks_match_reference(products, mode, extra):
     """MHA query blocks on a band's diagonal run their 16-bit products in chunks of positions, each over its own
@@ -87,11 +91,7 @@ def test_diagonal_chunks_match_reference(products, mode, extra):
     _assert_matches_reference(q, k, v, kwargs, actual)
 
 
-@pytest.mark.parametrize("products", [
-    "input_dtype_emulated",
-    pytest.param("input_dtype", marks=pytest.mark.skipif(
-        not _has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")),
-])
+@pytest.mark.parametrize("products", ["input_dtype_emulated", *_hardware_bf16_params()])
 @pytest.mark.parametrize("head_dim", [64, 40])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 def test_query_rows_read_in_place(products, head_dim, kv_heads):

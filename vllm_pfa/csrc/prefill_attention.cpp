@@ -10,7 +10,9 @@
 // output dtype (round-to-nearest-even). The two matrix products run one of two ways:
 // - in the 16-bit input dtype (bf16/fp16 inputs, where oneDNN has micro-kernels for this CPU: AVX512-BF16, AMX):
 //   K and V are packed once per unit in the VNNI pair layout and every Q K^T and P V block is one
-//   at::native::cpublas::brgemm call with fp32 accumulation. P is rounded to the input dtype before P V, as the
+//   at::native::cpublas::brgemm call with fp32 accumulation; bf16 on a CPU with AVX512-BF16 and no AMX runs the same
+//   products in this file's VDPBF16PS register tiles instead (the instruction oneDNN uses there, without its per-call
+//   cost; bf16_products). P is rounded to the input dtype before P V, as the
 //   NPU does (its cube unit takes 16-bit operands); the row sums use the rounded weights, so each output row is a
 //   convex combination of V rows with weights exact to the input dtype's precision (bf16: 2^-9 relative).
 // - in fp32 (everything else): K/V converted to fp32, hand-written AVX-512 FMA register tiles. oneDNN's fp32
@@ -58,6 +60,10 @@
 // 32 heads x D64 bf16, which the hardware prefetchers do not follow; head-major inputs measured up to 16% faster):
 // bf16 MHA D64 S=512 +3.5% (+2.1% without the write between calls), D128 S=512 +2%, S=1024 +1.5%; fp16 MHA D64
 // S=512 +3.7%, D128 +1.6%; GQA within 1%. One, two or four tiles ahead: the same within 0.5%.
+// Kept, measured the same way against oneDNN's brgemm (products "input_dtype_onednn"): the bf16 products in this file's
+// VDPBF16PS register tiles, in calls of 16 positions on a causal diagonal (48 with brgemm), acc's rescale folded into
+// the P V tiles. bf16 causal S=512: MHA D64 +4.4%, D128 +5.1%, GQA 32/8 D64 +3.7%, D128 +3.1%, 9/3 D64 (SmolLM2)
+// +3.5%; S=1024 MHA D64 +2.9%; S >= 2048 +0.5-1%; non-causal equal (the tiles alone run at oneDNN's rate).
 // On AMX (Sapphire Rapids class, N32/8 D128 S=2048) the products are several times faster and the rest dominates:
 // the online softmax and its bookkeeping ~51%, the products ~34%, PyTorch's brgemm dispatch (a kernel-cache lookup
 // per call) ~8%, packing ~2%; 30-43% of the bf16 GEMM rate, 0.53-0.80x vLLM's AMX kernel. The softmax step now
@@ -96,7 +102,10 @@ constexpr int kRowTile = 6;           // register tile rows
 constexpr int kColVectors = 4;        // register tile width in 16-float vectors (64 columns)
 constexpr int kKeyBlock = 256;        // keys per block (a multiple of 16; 256 measured best)
 constexpr int kRowsPerQueryBlock = 96;  // packed (position, group head) rows per work item
-constexpr int kMatrixChunkPositions = 48;  // 16-bit products: positions per call where rows keep different keys
+// 16-bit products: positions per call where rows keep different keys (a block on a causal diagonal); oneDNN's
+// brgemm costs a kernel-cache lookup per call, the register tiles (bf16_products) nearly nothing
+constexpr int kMatrixChunkPositions = 48;
+constexpr int kTileChunkPositions = 16;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 struct Strides {
@@ -115,6 +124,7 @@ struct Problem {
   int64_t heads, kv_heads, head_dim, padded_dim;
   float score_scale;  // scale_value * log2(e)
   bool bf16_instructions;  // round P with AVX512-BF16 (the CPU has it, and the products are not emulated)
+  bool bf16_tiles;  // the bf16 products in this file's register tiles instead of oneDNN's (see bf16_products)
 };
 
 struct BatchBand {
@@ -385,10 +395,92 @@ inline float widen_scalar(uint16_t bits, ElementType type) {
   return _mm512_cvtss_f32(widen_half(_mm512_set1_epi32(bits), false, type));
 }
 
-// C[M x N] = (accumulate ? C : 0) + A[M x K] B[K x N] with fp32 C: A row-major and B in VNNI pairs ([K / 2][ldb][2]),
-// both 16-bit of p.type; N a multiple of 16 and K of 2.
+// C[R x 16 NV] = (accumulate ? diag(alpha) C : 0) + A[R x depth] B[depth x 16 NV] (alpha null: 1); A row-major bf16,
+// B bf16 in VNNI pairs ([depth / 2][ldb][2]), C fp32. One VDPBF16PS per 16 outputs and pair of depth, as in oneDNN's
+// AVX512-BF16 kernels: the pair's two products exact, added to the fp32 sum with one rounding.
+template <int R, int NV>
+inline void bf16_tile(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t ldc,
+                      int64_t depth, bool accumulate, const float* alpha) {
+  __m512 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m512 scale = _mm512_set1_ps(alpha ? alpha[r] : 1.0f);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = accumulate ? _mm512_mul_ps(_mm512_loadu_ps(c + r * ldc + 16 * v), scale) : _mm512_setzero_ps();
+    }
+  }
+  for (int64_t k = 0; k < depth; k += 2) {
+    __m512bh bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + (k / 2 * ldb + 16 * v) * 2));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int32_t a_pair = *reinterpret_cast<const int32_t*>(a + r * lda + k);
+      const auto pair = reinterpret_cast<__m512bh>(_mm512_set1_epi32(a_pair));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], pair, bv[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+  }
+}
+
+// R rows of bf16_products: register tiles across the columns.
+template <int R>
+inline void bf16_rows(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t ldc,
+                      int64_t depth, int64_t n_cols, bool accumulate, const float* alpha) {
+  int64_t col = 0;
+  for (; col + 16 * kColVectors <= n_cols; col += 16 * kColVectors) {
+    bf16_tile<R, kColVectors>(a, lda, b + 2 * col, ldb, c + col, ldc, depth, accumulate, alpha);
+  }
+  switch ((n_cols - col) / 16) {
+    case 3: bf16_tile<R, 3>(a, lda, b + 2 * col, ldb, c + col, ldc, depth, accumulate, alpha); break;
+    case 2: bf16_tile<R, 2>(a, lda, b + 2 * col, ldb, c + col, ldc, depth, accumulate, alpha); break;
+    case 1: bf16_tile<R, 1>(a, lda, b + 2 * col, ldb, c + col, ldc, depth, accumulate, alpha); break;
+    default: break;
+  }
+}
+
+// products_16bit's bf16 case on a CPU with AVX512-BF16 and no AMX, in register tiles of kRowTile rows: written here
+// rather than taken from oneDNN because PyTorch's brgemm looks its kernel up in a cache on every call (~130 ns; 2-3% of
+// MHA's time at S = 512), which also made small calls on a causal diagonal cost more than they saved. These run at
+// oneDNN's rate (Zen 4, in-process A/B: within 1% at S = 2048) and take calls of 16 positions there; see the header.
+void bf16_products(int64_t m_rows, int64_t n_cols, int64_t depth, int64_t lda, int64_t ldb, int64_t ldc,
+                   bool accumulate, const float* alpha, const uint16_t* a, const uint16_t* b, float* c) {
+  int64_t r = 0;
+  for (; r + kRowTile <= m_rows; r += kRowTile) {
+    bf16_rows<kRowTile>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, depth, n_cols, accumulate,
+                        alpha ? alpha + r : alpha);
+  }
+  const uint16_t* tail_a = a + r * lda;
+  float* tail_c = c + r * ldc;
+  const float* tail_alpha = alpha ? alpha + r : alpha;
+  switch (m_rows - r) {
+    case 5: bf16_rows<5>(tail_a, lda, b, ldb, tail_c, ldc, depth, n_cols, accumulate, tail_alpha); break;
+    case 4: bf16_rows<4>(tail_a, lda, b, ldb, tail_c, ldc, depth, n_cols, accumulate, tail_alpha); break;
+    case 3: bf16_rows<3>(tail_a, lda, b, ldb, tail_c, ldc, depth, n_cols, accumulate, tail_alpha); break;
+    case 2: bf16_rows<2>(tail_a, lda, b, ldb, tail_c, ldc, depth, n_cols, accumulate, tail_alpha); break;
+    case 1: bf16_rows<1>(tail_a, lda, b, ldb, tail_c, ldc, depth, n_cols, accumulate, tail_alpha); break;
+    default: break;
+  }
+}
+
+// C[M x N] = (accumulate ? diag(alpha) C : 0) + A[M x K] B[K x N] (alpha null: 1) with fp32 C: A row-major and B in
+// VNNI pairs ([K / 2][ldb][2]), both 16-bit of p.type; N a multiple of 16 and K of 2.
 void products_16bit(const Problem& p, int64_t m_rows, int64_t n_cols, int64_t depth, int64_t lda, int64_t ldb,
-                    int64_t ldc, bool accumulate, const uint16_t* a, const uint16_t* b, float* c) {
+                    int64_t ldc, bool accumulate, const float* alpha, const uint16_t* a, const uint16_t* b, float* c) {
+  if (p.bf16_tiles) return bf16_products(m_rows, n_cols, depth, lda, ldb, ldc, accumulate, alpha, a, b, c);
+  for (int64_t m = 0; accumulate && alpha && m < m_rows; ++m) {  // the others scale C first
+    if (alpha[m] == 1.0f) continue;
+    const __m512 scale = _mm512_set1_ps(alpha[m]);
+    for (int64_t n = 0; n < n_cols; n += 16) {
+      _mm512_storeu_ps(c + m * ldc + n, _mm512_mul_ps(_mm512_loadu_ps(c + m * ldc + n), scale));
+    }
+  }
   if (p.products == Products::kInputType) {
     if (p.type == ElementType::kBFloat16) {
       at::native::cpublas::brgemm(m_rows, n_cols, depth, lda, ldb, ldc, accumulate,
@@ -610,7 +702,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   // Rows are taken in groups that share a column range per key block: register tiles in fp32, chunks of positions
   // in 16 bits (a brgemm call each where the ranges differ).
-  const int64_t group_rows = kMatrix ? kMatrixChunkPositions * group : kRowTile;
+  const int64_t group_rows = !kMatrix ? kRowTile : (p.bf16_tiles ? kTileChunkPositions : kMatrixChunkPositions) * group;
   const int64_t tiles = (padded_rows + group_rows - 1) / group_rows;
   for (int64_t block_start = union_hi ? union_lo / kKeyBlock * kKeyBlock : 0; block_start < union_hi;
        block_start += kKeyBlock) {
@@ -639,9 +731,11 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
     if (block_lo >= block_hi) continue;
     // The 16-bit products of one group of rows, or of all rows where every group keeps the same columns. Blocks on
     // a causal diagonal differ: one product over all rows there computes the triangle above the diagonal too. MHA
-    // blocks hold 96 positions, split in two: bf16 causal S=512 5-6% faster, S=1024-2048 ~2% (AMD EPYC Zen 4, A/B);
-    // smaller chunks cost more in calls than they save (16 positions: no gain), and GQA blocks (96 / group
-    // positions) stay whole.
+    // blocks hold 96 positions. With oneDNN's brgemm, split in two: bf16 causal S=512 5-6% faster, S=1024-2048 ~2%
+    // (AMD EPYC Zen 4, A/B); smaller chunks cost more in calls than they save there (16 positions: no gain), and GQA
+    // blocks (96 / group positions) stay whole. The register tiles take chunks of 16 positions (in-process A/B
+    // against 48, Zen 4: bf16 causal S=512 MHA D64 +3%, D128 +3%, GQA 32/8 D64 +1%; S=1024 +1%; 12, 18, 24 and 6
+    // positions 1-3% slower than 16).
     auto for_each_group = [&](auto&& work) {
       if (uniform) return work(int64_t(0), padded_rows, block_lo, block_hi);
       for (int64_t t = 0; t < tiles; ++t) {
@@ -655,12 +749,12 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       const uint16_t* kt = static_cast<const uint16_t*>(key_t) + (block_start / kKeyBlock) * dp * kKeyBlock;
       for_each_group([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
         if (!q_in_place) {
-          products_16bit(p, r1 - r0, c1 - c0, dp, dp, kKeyBlock, kKeyBlock, false, s.q16 + r0 * dp, kt + 2 * c0,
-                         s.scores + r0 * kKeyBlock + c0);
+          products_16bit(p, r1 - r0, c1 - c0, dp, dp, kKeyBlock, kKeyBlock, false, nullptr, s.q16 + r0 * dp,
+                         kt + 2 * c0, s.scores + r0 * kKeyBlock + c0);
           return;
         }
         for (int64_t h = 0; h < group; ++h) {  // head h's rows: positions at Q's seq stride, every group-th score row
-          products_16bit(p, (r1 - r0) / group, c1 - c0, dp, p.qs.seq, kKeyBlock, group * kKeyBlock, false,
+          products_16bit(p, (r1 - r0) / group, c1 - c0, dp, p.qs.seq, kKeyBlock, group * kKeyBlock, false, nullptr,
                          reinterpret_cast<const uint16_t*>(query_row(r0 + h)), kt + 2 * c0,
                          s.scores + (r0 + h) * kKeyBlock + c0);
         }
@@ -784,20 +878,14 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
         }
       }
     } else if constexpr (kMatrix) {
-      // acc = alpha * acc + P V: the rescale here, then an accumulating brgemm per group; the first block's brgemm
-      // writes acc where it covers every row (every row's acc is 0 before it, and a row with no kept key has P = 0).
+      // acc = alpha * acc + P V: one accumulating product per group, which rescales acc first; the first block's
+      // product writes acc where it covers every row (every row's acc is 0 before it, and a row with no kept key has
+      // P = 0).
       if (!acc_written && !uniform) zero_acc();
       const uint16_t* values = static_cast<const uint16_t*>(value) + block_start * dp;
       for_each_group([&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-        for (int64_t r = r0; acc_written && r < r1; ++r) {
-          if (s.alpha[r] == 1.0f) continue;
-          const __m512 alpha = _mm512_set1_ps(s.alpha[r]);
-          for (int64_t d = 0; d < dp; d += 16) {
-            _mm512_storeu_ps(s.acc + r * dp + d, _mm512_mul_ps(_mm512_loadu_ps(s.acc + r * dp + d), alpha));
-          }
-        }
-        products_16bit(p, r1 - r0, dp, c1 - c0, kKeyBlock, dp, dp, acc_written, s.probs16 + r0 * kKeyBlock + c0,
-                       values + c0 * dp, s.acc + r0 * dp);
+        products_16bit(p, r1 - r0, dp, c1 - c0, kKeyBlock, dp, dp, acc_written, s.alpha + r0,
+                       s.probs16 + r0 * kKeyBlock + c0, values + c0 * dp, s.acc + r0 * dp);
       });
       acc_written = true;
     } else {
@@ -942,9 +1030,10 @@ Products parse_products(const std::string& products, ElementType type) {
     return cpu_supported() && input_type_products_supported(type) ? Products::kInputType : Products::kFloat32;
   }
   if (products == "fp32") return Products::kFloat32;
-  TORCH_CHECK((products == "input_dtype" || products == "input_dtype_emulated") && type != ElementType::kFloat32,
-              "vllm_pfa native kernel: products must be auto, fp32, input_dtype or input_dtype_emulated (the last "
-              "two for 16-bit inputs), got ", products);
+  TORCH_CHECK((products == "input_dtype" || products == "input_dtype_onednn" || products == "input_dtype_emulated") &&
+                  type != ElementType::kFloat32,
+              "vllm_pfa native kernel: products must be auto, fp32, input_dtype, input_dtype_onednn or "
+              "input_dtype_emulated (the last three for 16-bit inputs), got ", products);
   if (products == "input_dtype_emulated") return Products::kInputTypeEmulated;
   TORCH_CHECK(input_type_products_supported(type),
               "vllm_pfa native kernel: this CPU has no 16-bit matrix instructions for this dtype");
@@ -1014,6 +1103,9 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
             head_dim, (head_dim + 15) / 16 * 16, static_cast<float>(scale * M_LOG2E), false};
   // The emulated products keep the AVX-512F rounding: on a CPU with AVX512-BF16 the tests compare both roundings.
   p.bf16_instructions = p.products == Products::kInputType && __builtin_cpu_supports("avx512bf16");
+  // With AMX oneDNN's tile kernels are several times faster than VDPBF16PS; input_dtype_onednn asks for oneDNN (tests).
+  p.bf16_tiles = p.bf16_instructions && type == ElementType::kBFloat16 && products != "input_dtype_onednn" &&
+                 !__builtin_cpu_supports("amx-bf16");
   const bool matrix = p.products != Products::kFloat32;
   const int64_t group = heads / kv_heads;
   const int64_t positions_per_block = std::max<int64_t>(1, kRowsPerQueryBlock / group);
