@@ -5,6 +5,7 @@ backend."""
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -185,3 +186,22 @@ def test_without_bf16_instructions_bf16_takes_the_fp32_products():
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX512_CORE")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_kv_prefetch_is_in_the_binary():
+    """The K/V conversions' prefetch (into L2: rows 4 KiB apart share their L1 sets) must reach the machine code: GCC
+    once deleted it unseen, having found a function made only of _mm_prefetch calls free of side effects."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", native_kernel.extension().__file__],
+                             capture_output=True, text=True, check=True).stdout
+    prefetches, function = {}, None
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            function = next((name for name in ("pack_keys", "convert_keys") if name in line), None)
+        elif function and "prefetcht1" in line:
+            prefetches[function] = prefetches.get(function, 0) + 1
+    if not any(name in listing for name in ("pack_keys", "convert_keys")):
+        pytest.skip("the extension carries no symbols for its kernel functions (stripped)")
+    assert prefetches.get("pack_keys") and prefetches.get("convert_keys"), prefetches

@@ -56,10 +56,15 @@
 // -0.5% to -3%; two accumulators in the softmax's max and sum loops: 0 to +0.7%; one FMA for x * s - max * s where
 // |max * s| < 2^8 (its weights then round differently from the general path's in rare cases): 0 to +1.3%. A
 // cross-process A/B of the prefetch had read +3% to +12%: between processes this machine's spread exceeds such effects.
-// Kept, measured that way: the conversion prefetches K/V rows two 16-key tiles ahead (rows a token apart, 4 KB at
-// 32 heads x D64 bf16, which the hardware prefetchers do not follow; head-major inputs measured up to 16% faster):
-// bf16 MHA D64 S=512 +3.5% (+2.1% without the write between calls), D128 S=512 +2%, S=1024 +1.5%; fp16 MHA D64
-// S=512 +3.7%, D128 +1.6%; GQA within 1%. One, two or four tiles ahead: the same within 0.5%.
+// Kept, measured that way: the conversion prefetches K/V rows two 16-key tiles ahead, into L2 (PREFETCHT1). The rows
+// are a token apart, 4 KiB at 32 heads x D64 16-bit, which the hardware prefetchers do not follow, and which all map
+// to the same L1 sets: PREFETCHT0's lines are evicted there before they are read (head-major inputs measured up to
+// 16% faster than these token-major ones). An earlier version prefetched with _mm_prefetch(T0) in a helper GCC found
+// free of side effects, and deleted its calls: the A/B that kept it ran a build where a run-time switch kept them.
+// Against no prefetch (that version's binary), same inputs for both variants, fresh at each of 12-24 iterations:
+// PREFETCHT1 bf16 S=512 MHA D64 +11%, D128 +7%, GQA 32/8 +1-2%, S=1024 MHA D64 +7%, S=2048 GQA D128 0%; fp16 S=512 MHA
+// D64 +11-12%, D128 +7%; q, k and v as slices of one fused projection (vLLM's layout) the same; PREFETCHT0 only
+// +2.5% (MHA D64 S=512); 16 to 128 keys ahead within 1%.
 // Kept, measured the same way against oneDNN's brgemm (products "input_dtype_onednn"): the bf16 products in this file's
 // VDPBF16PS register tiles, in calls of 16 positions on a causal diagonal (48 with brgemm), acc's rescale folded into
 // the P V tiles. bf16 causal S=512: MHA D64 +4.4%, D128 +5.1%, GQA 32/8 D64 +3.7%, D128 +3.1%, 9/3 D64 (SmolLM2)
@@ -172,8 +177,21 @@ inline void store16(void* p, ElementType type, __m512 x, __mmask16 m) {
   }
 }
 
+// Where a prefetch puts a line: every cache level (PREFETCHT0), or L2 and below (PREFETCHT1).
+enum class CacheLevel : int { kL1, kL2 };
+
+// One prefetch per 64-byte line of [row, row + bytes), in volatile asm: GCC models _mm_prefetch as free of side
+// effects, so it found a function made only of prefetches "const" and deleted its calls (the K/V prefetch of an
+// earlier version never reached the binary); asm volatile stays where it is written.
+template <CacheLevel kLevel>
 inline void prefetch_row(const char* row, int64_t bytes) {
-  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(row + offset, _MM_HINT_T0);
+  for (int64_t offset = 0; offset < bytes; offset += 64) {
+    if constexpr (kLevel == CacheLevel::kL1) {
+      __asm__ volatile("prefetcht0 %0" : : "m"(row[offset]));
+    } else {
+      __asm__ volatile("prefetcht1 %0" : : "m"(row[offset]));
+    }
+  }
 }
 
 inline int64_t element_bytes(ElementType type) { return type == ElementType::kFloat32 ? 4 : 2; }
@@ -281,14 +299,16 @@ inline const char* key_row(const Problem& p, const void* base, const Strides& st
   return at_element(base, p.type, batch * st.batch + kv_head * st.head + key * st.seq);
 }
 
-// The K and V rows of keys [begin, end) of one kv head, prefetched: the conversions ask for their rows two tiles ahead
-// (see the header).
+// The K and V rows of keys [begin, end) of one kv head, prefetched into L2: the conversions ask for their rows two
+// tiles ahead. Into L2 only, because the rows sit a token apart, a multiple of 4 KiB at 32 heads x D64 16-bit, so all
+// of a tile's rows fall in the same L1 sets (8 ways) and PREFETCHT0's lines there are evicted before they are read
+// (see the header for the measurements).
 constexpr int64_t kPrefetchKeys = 32;
 inline void prefetch_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t begin, int64_t end) {
   const int64_t row_bytes = p.head_dim * element_bytes(p.type);
   for (int64_t key = begin; key < end; ++key) {
-    prefetch_row(key_row(p, p.k, p.ks, batch, kv_head, key), row_bytes);
-    prefetch_row(key_row(p, p.v, p.vs, batch, kv_head, key), row_bytes);
+    prefetch_row<CacheLevel::kL2>(key_row(p, p.k, p.ks, batch, kv_head, key), row_bytes);
+    prefetch_row<CacheLevel::kL2>(key_row(p, p.v, p.vs, batch, kv_head, key), row_bytes);
   }
 }
 
@@ -659,7 +679,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   constexpr int64_t kPrefetchAhead = 8;
   const int64_t row_bytes = p.head_dim * element_bytes(p.type);
   if (!q_in_place) {
-    for (int64_t r = 0; r < rows && r < kPrefetchAhead; ++r) prefetch_row(query_row(r), row_bytes);
+    for (int64_t r = 0; r < rows && r < kPrefetchAhead; ++r) prefetch_row<CacheLevel::kL1>(query_row(r), row_bytes);
   }
   for (int64_t r = 0; r < padded_rows; ++r) {
     const int64_t pos = first + r / group;
@@ -669,7 +689,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       hi = band.row_hi(pos);
     }
     if (!q_in_place) {
-      if (r + kPrefetchAhead < rows) prefetch_row(query_row(r + kPrefetchAhead), row_bytes);
+      if (r + kPrefetchAhead < rows) prefetch_row<CacheLevel::kL1>(query_row(r + kPrefetchAhead), row_bytes);
       for (int64_t d = 0; d < dp; d += 16) {  // padding rows are 0
         const __mmask16 m = r < rows ? tail_mask(p.head_dim - d) : __mmask16(0);
         const char* src = r < rows ? at_element(query_row(r), p.type, d) : nullptr;
