@@ -65,6 +65,10 @@
 // PREFETCHT1 bf16 S=512 MHA D64 +11%, D128 +7%, GQA 32/8 +1-2%, S=1024 MHA D64 +7%, S=2048 GQA D128 0%; fp16 S=512 MHA
 // D64 +11-12%, D128 +7%; q, k and v as slices of one fused projection (vLLM's layout) the same; PREFETCHT0 only
 // +2.5% (MHA D64 S=512); 16 to 128 keys ahead within 1%.
+// Tried with the register tiles and not kept (the same method, fresh inputs per iteration): one group of rows at a
+// time through Q K^T, the softmax and P V, its scores hot in L1: -1.3% to +0.3%; the output rows prefetched (L2, or
+// PREFETCHW) at the block's start or before its last key block: -4% to +1%; 48, 64, 128 or 192 rows per query block
+// instead of 96: within +-1% (192: -4% at MHA D64 S=512).
 // Kept, measured the same way against oneDNN's brgemm (products "input_dtype_onednn"): the bf16 products in this file's
 // VDPBF16PS register tiles, in calls of 16 positions on a causal diagonal (48 with brgemm), acc's rescale folded into
 // the P V tiles. bf16 causal S=512: MHA D64 +4.4%, D128 +5.1%, GQA 32/8 D64 +3.7%, D128 +3.1%, 9/3 D64 (SmolLM2)
@@ -177,21 +181,13 @@ inline void store16(void* p, ElementType type, __m512 x, __mmask16 m) {
   }
 }
 
-// Where a prefetch puts a line: every cache level (PREFETCHT0), or L2 and below (PREFETCHT1).
-enum class CacheLevel : int { kL1, kL2 };
-
-// One prefetch per 64-byte line of [row, row + bytes), in volatile asm: GCC models _mm_prefetch as free of side
-// effects, so it found a function made only of prefetches "const" and deleted its calls (the K/V prefetch of an
-// earlier version never reached the binary); asm volatile stays where it is written.
-template <CacheLevel kLevel>
+// One PREFETCHT1 (into L2, not L1) per 64-byte line of [row, row + bytes). The rows prefetched are a token apart, a
+// multiple of 4 KiB at 32 heads x D64 16-bit, so they all map to the same L1 sets (8 ways), where PREFETCHT0's lines
+// are evicted before they are read. In volatile asm: GCC models _mm_prefetch as free of side effects, found a
+// function made only of prefetches "const" and deleted its calls (an earlier version's K/V prefetch never reached the
+// binary); asm volatile stays where it is written.
 inline void prefetch_row(const char* row, int64_t bytes) {
-  for (int64_t offset = 0; offset < bytes; offset += 64) {
-    if constexpr (kLevel == CacheLevel::kL1) {
-      __asm__ volatile("prefetcht0 %0" : : "m"(row[offset]));
-    } else {
-      __asm__ volatile("prefetcht1 %0" : : "m"(row[offset]));
-    }
-  }
+  for (int64_t offset = 0; offset < bytes; offset += 64) __asm__ volatile("prefetcht1 %0" : : "m"(row[offset]));
 }
 
 inline int64_t element_bytes(ElementType type) { return type == ElementType::kFloat32 ? 4 : 2; }
@@ -300,15 +296,13 @@ inline const char* key_row(const Problem& p, const void* base, const Strides& st
 }
 
 // The K and V rows of keys [begin, end) of one kv head, prefetched into L2: the conversions ask for their rows two
-// tiles ahead. Into L2 only, because the rows sit a token apart, a multiple of 4 KiB at 32 heads x D64 16-bit, so all
-// of a tile's rows fall in the same L1 sets (8 ways) and PREFETCHT0's lines there are evicted before they are read
-// (see the header for the measurements).
+// tiles ahead (see the header for the measurements).
 constexpr int64_t kPrefetchKeys = 32;
 inline void prefetch_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t begin, int64_t end) {
   const int64_t row_bytes = p.head_dim * element_bytes(p.type);
   for (int64_t key = begin; key < end; ++key) {
-    prefetch_row<CacheLevel::kL2>(key_row(p, p.k, p.ks, batch, kv_head, key), row_bytes);
-    prefetch_row<CacheLevel::kL2>(key_row(p, p.v, p.vs, batch, kv_head, key), row_bytes);
+    prefetch_row(key_row(p, p.k, p.ks, batch, kv_head, key), row_bytes);
+    prefetch_row(key_row(p, p.v, p.vs, batch, kv_head, key), row_bytes);
   }
 }
 
@@ -674,13 +668,12 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   // cache miss the copy waits on. Zen 4, bf16 causal, S=512: MHA +6-8%; GQA +2% (four calls of a quarter the rows
   // cost about what the copy did), S >= 1024 within 1%.
   const bool q_in_place = kMatrix && p.head_dim == dp;
-  // Query rows of one head sit a whole token apart (BSND), which the hardware prefetcher does not follow: the copy
-  // prefetches them.
-  constexpr int64_t kPrefetchAhead = 8;
+  // Query rows of one head sit a whole token apart (BSND), which the hardware prefetcher does not follow: all the
+  // block's rows are prefetched into L2 first, like K and V (see prefetch_keys). In-process A/B, Zen 4, causal, read in
+  // place (bf16): MHA D64 S=512 +4%, D128 +1.4%, GQA 32/8 D64 +1.4%, MHA D64 S=2048 +1.6%; copied (fp16), against
+  // PREFETCHT0 eight rows ahead: MHA S=512 +1.4-1.8%.
   const int64_t row_bytes = p.head_dim * element_bytes(p.type);
-  if (!q_in_place) {
-    for (int64_t r = 0; r < rows && r < kPrefetchAhead; ++r) prefetch_row<CacheLevel::kL1>(query_row(r), row_bytes);
-  }
+  for (int64_t r = 0; r < rows; ++r) prefetch_row(query_row(r), row_bytes);
   for (int64_t r = 0; r < padded_rows; ++r) {
     const int64_t pos = first + r / group;
     int64_t lo = 0, hi = 0;
@@ -689,7 +682,6 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       hi = band.row_hi(pos);
     }
     if (!q_in_place) {
-      if (r + kPrefetchAhead < rows) prefetch_row<CacheLevel::kL1>(query_row(r + kPrefetchAhead), row_bytes);
       for (int64_t d = 0; d < dp; d += 16) {  // padding rows are 0
         const __mmask16 m = r < rows ? tail_mask(p.head_dim - d) : __mmask16(0);
         const char* src = r < rows ? at_element(query_row(r), p.type, d) : nullptr;
