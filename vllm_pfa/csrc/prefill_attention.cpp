@@ -220,50 +220,90 @@ constexpr float kExp2Float32[] = {1.525273380405984e-05f, 1.5403530393381606e-04
                                   9.618129107628477e-03f, 5.550410866482158e-02f,   2.402265069591007e-01f,
                                   6.931471805599453e-01f, 1.0f};
 
-// C[kRowTile x 16*NV] = (alpha ? diag(alpha) * C : 0) + A[kRowTile x depth] * B[depth x 16*NV], all fp32.
-template <int NV>
-inline void gemm_tile(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t depth,
-                      const float* alpha) {
-  __m512 acc[kRowTile][NV];
+// The two operands of a register tile's products and their multiply-add, fp32: A row-major, B [depth][ldb], one
+// element of depth per step.
+struct Float32Operands {
+  const float* a;
+  int64_t lda;
+  const float* b;
+  int64_t ldb;
+  static constexpr int64_t kDepthStep = 1;
+  __m512 a_at(int r, int64_t k) const { return _mm512_set1_ps(a[r * lda + k]); }
+  __m512 b_at(int64_t k, int v) const { return _mm512_loadu_ps(b + k * ldb + 16 * v); }
+  static __m512 madd(__m512 acc, __m512 a_step, __m512 b_step) { return _mm512_fmadd_ps(a_step, b_step, acc); }
+  Float32Operands from(int64_t row, int64_t col) const { return {a + row * lda, lda, b + col, ldb}; }
+};
+
+// bf16: A row-major, B in VNNI pairs ([depth / 2][ldb][2]), a pair of depth per step: one VDPBF16PS per 16 outputs,
+// as in oneDNN's AVX512-BF16 kernels (the pair's two products exact, added to the fp32 sum with one rounding).
+struct BFloat16PairOperands {
+  const uint16_t* a;
+  int64_t lda;
+  const uint16_t* b;
+  int64_t ldb;
+  static constexpr int64_t kDepthStep = 2;
+  __m512bh a_at(int r, int64_t k) const {
+    return reinterpret_cast<__m512bh>(_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(a + r * lda + k)));
+  }
+  __m512bh b_at(int64_t k, int v) const {
+    return reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + (k / 2 * ldb + 16 * v) * 2));
+  }
+  static __m512 madd(__m512 acc, __m512bh a_step, __m512bh b_step) { return _mm512_dpbf16_ps(acc, a_step, b_step); }
+  BFloat16PairOperands from(int64_t row, int64_t col) const { return {a + row * lda, lda, b + 2 * col, ldb}; }
+};
+
+// C[R x 16 NV] = (accumulate ? diag(alpha) C : 0) + A[R x depth] B[depth x 16 NV] (alpha null: 1), fp32 C: a register
+// tile of R x NV accumulators.
+template <int R, int NV, typename Operands>
+inline void register_tile(const Operands& x, float* c, int64_t ldc, int64_t depth, bool accumulate,
+                          const float* alpha) {
+  __m512 acc[R][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < kRowTile; ++r) {
+  for (int r = 0; r < R; ++r) {
+    const __m512 scale = _mm512_set1_ps(alpha ? alpha[r] : 1.0f);
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      acc[r][v] = alpha ? _mm512_mul_ps(_mm512_loadu_ps(c + r * ldc + 16 * v), _mm512_set1_ps(alpha[r]))
-                        : _mm512_setzero_ps();
+      acc[r][v] = accumulate ? _mm512_mul_ps(_mm512_loadu_ps(c + r * ldc + 16 * v), scale) : _mm512_setzero_ps();
     }
   }
-  for (int64_t k = 0; k < depth; ++k) {
-    __m512 bv[NV];
+  for (int64_t k = 0; k < depth; k += Operands::kDepthStep) {
+    decltype(x.b_at(0, 0)) b_step[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * ldb + 16 * v);
+    for (int v = 0; v < NV; ++v) b_step[v] = x.b_at(k, v);
 #pragma GCC unroll 8
-    for (int r = 0; r < kRowTile; ++r) {
-      __m512 av = _mm512_set1_ps(a[r * lda + k]);
+    for (int r = 0; r < R; ++r) {
+      const auto a_step = x.a_at(r, k);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = Operands::madd(acc[r][v], a_step, b_step[v]);
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < kRowTile; ++r) {
+  for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
   }
 }
 
-// A row tile times a [depth x width] matrix, width a multiple of 16.
-inline void gemm_rows(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t depth,
-                      int64_t width, const float* alpha) {
+// R rows of C[R x n_cols] (n_cols a multiple of 16) in register tiles across the columns.
+template <int R, typename Operands>
+inline void register_rows(const Operands& x, float* c, int64_t ldc, int64_t depth, int64_t n_cols, bool accumulate,
+                          const float* alpha) {
   int64_t col = 0;
-  for (; col + 16 * kColVectors <= width; col += 16 * kColVectors) {
-    gemm_tile<kColVectors>(a, lda, b + col, ldb, c + col, ldc, depth, alpha);
+  for (; col + 16 * kColVectors <= n_cols; col += 16 * kColVectors) {
+    register_tile<R, kColVectors>(x.from(0, col), c + col, ldc, depth, accumulate, alpha);
   }
-  switch ((width - col) / 16) {
-    case 3: gemm_tile<3>(a, lda, b + col, ldb, c + col, ldc, depth, alpha); break;
-    case 2: gemm_tile<2>(a, lda, b + col, ldb, c + col, ldc, depth, alpha); break;
-    case 1: gemm_tile<1>(a, lda, b + col, ldb, c + col, ldc, depth, alpha); break;
+  switch ((n_cols - col) / 16) {
+    case 3: register_tile<R, 3>(x.from(0, col), c + col, ldc, depth, accumulate, alpha); break;
+    case 2: register_tile<R, 2>(x.from(0, col), c + col, ldc, depth, accumulate, alpha); break;
+    case 1: register_tile<R, 1>(x.from(0, col), c + col, ldc, depth, accumulate, alpha); break;
     default: break;
   }
+}
+
+// A row tile of fp32 products over [depth x width]: C = (alpha ? diag(alpha) C : 0) + A B.
+inline void gemm_rows(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t depth,
+                      int64_t width, const float* alpha) {
+  register_rows<kRowTile>(Float32Operands{a, lda, b, ldb}, c, ldc, depth, width, alpha != nullptr, alpha);
 }
 
 // 16 x 16 32-bit words transposed in registers: row i becomes word i of every input row. Packing K^T with this
@@ -412,76 +452,26 @@ inline float widen_scalar(uint16_t bits, ElementType type) {
   return _mm512_cvtss_f32(widen_half(_mm512_set1_epi32(bits), false, type));
 }
 
-// C[R x 16 NV] = (accumulate ? diag(alpha) C : 0) + A[R x depth] B[depth x 16 NV] (alpha null: 1); A row-major bf16,
-// B bf16 in VNNI pairs ([depth / 2][ldb][2]), C fp32. One VDPBF16PS per 16 outputs and pair of depth, as in oneDNN's
-// AVX512-BF16 kernels: the pair's two products exact, added to the fp32 sum with one rounding.
-template <int R, int NV>
-inline void bf16_tile(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t ldc,
-                      int64_t depth, bool accumulate, const float* alpha) {
-  __m512 acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    const __m512 scale = _mm512_set1_ps(alpha ? alpha[r] : 1.0f);
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      acc[r][v] = accumulate ? _mm512_mul_ps(_mm512_loadu_ps(c + r * ldc + 16 * v), scale) : _mm512_setzero_ps();
-    }
-  }
-  for (int64_t k = 0; k < depth; k += 2) {
-    __m512bh bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + (k / 2 * ldb + 16 * v) * 2));
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const int32_t a_pair = *reinterpret_cast<const int32_t*>(a + r * lda + k);
-      const auto pair = reinterpret_cast<__m512bh>(_mm512_set1_epi32(a_pair));
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], pair, bv[v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
-  }
-}
-
-// R rows of bf16_products: register tiles across the columns.
-template <int R>
-inline void bf16_rows(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t ldc,
-                      int64_t depth, int64_t n_cols, bool accumulate, const float* alpha) {
-  int64_t col = 0;
-  for (; col + 16 * kColVectors <= n_cols; col += 16 * kColVectors) {
-    bf16_tile<R, kColVectors>(a, lda, b + 2 * col, ldb, c + col, ldc, depth, accumulate, alpha);
-  }
-  switch ((n_cols - col) / 16) {
-    case 3: bf16_tile<R, 3>(a, lda, b + 2 * col, ldb, c + col, ldc, depth, accumulate, alpha); break;
-    case 2: bf16_tile<R, 2>(a, lda, b + 2 * col, ldb, c + col, ldc, depth, accumulate, alpha); break;
-    case 1: bf16_tile<R, 1>(a, lda, b + 2 * col, ldb, c + col, ldc, depth, accumulate, alpha); break;
-    default: break;
-  }
-}
-
 // products_16bit's bf16 case on a CPU with AVX512-BF16 and no AMX, in register tiles of kRowTile rows: written here
 // rather than taken from oneDNN because PyTorch's brgemm looks its kernel up in a cache on every call (~130 ns; 2-3% of
 // MHA's time at S = 512), which also made small calls on a causal diagonal cost more than they saved. These run at
 // oneDNN's rate (Zen 4, in-process A/B: within 1% at S = 2048) and take calls of 16 positions there; see the header.
 void bf16_products(int64_t m_rows, int64_t n_cols, int64_t depth, int64_t lda, int64_t ldb, int64_t ldc,
                    bool accumulate, const float* alpha, const uint16_t* a, const uint16_t* b, float* c) {
+  const BFloat16PairOperands x{a, lda, b, ldb};
   int64_t r = 0;
   for (; r + kRowTile <= m_rows; r += kRowTile) {
-    bf16_rows<kRowTile>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, depth, n_cols, accumulate,
-                        alpha ? alpha + r : alpha);
+    register_rows<kRowTile>(x.from(r, 0), c + r * ldc, ldc, depth, n_cols, accumulate, alpha ? alpha + r : alpha);
   }
-  const uint16_t* tail_a = a + r * lda;
+  const BFloat16PairOperands tail = x.from(r, 0);
   float* tail_c = c + r * ldc;
   const float* tail_alpha = alpha ? alpha + r : alpha;
   switch (m_rows - r) {
-    case 5: bf16_rows<5>(tail_a, lda, b, ldb, tail_c, ldc, depth, n_cols, accumulate, tail_alpha); break;
-    case 4: bf16_rows<4>(tail_a, lda, b, ldb, tail_c, ldc, depth, n_cols, accumulate, tail_alpha); break;
-    case 3: bf16_rows<3>(tail_a, lda, b, ldb, tail_c, ldc, depth, n_cols, accumulate, tail_alpha); break;
-    case 2: bf16_rows<2>(tail_a, lda, b, ldb, tail_c, ldc, depth, n_cols, accumulate, tail_alpha); break;
-    case 1: bf16_rows<1>(tail_a, lda, b, ldb, tail_c, ldc, depth, n_cols, accumulate, tail_alpha); break;
+    case 5: register_rows<5>(tail, tail_c, ldc, depth, n_cols, accumulate, tail_alpha); break;
+    case 4: register_rows<4>(tail, tail_c, ldc, depth, n_cols, accumulate, tail_alpha); break;
+    case 3: register_rows<3>(tail, tail_c, ldc, depth, n_cols, accumulate, tail_alpha); break;
+    case 2: register_rows<2>(tail, tail_c, ldc, depth, n_cols, accumulate, tail_alpha); break;
+    case 1: register_rows<1>(tail, tail_c, ldc, depth, n_cols, accumulate, tail_alpha); break;
     default: break;
   }
 }
