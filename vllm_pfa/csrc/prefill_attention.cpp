@@ -220,36 +220,42 @@ constexpr float kExp2Float32[] = {1.525273380405984e-05f, 1.5403530393381606e-04
                                   9.618129107628477e-03f, 5.550410866482158e-02f,   2.402265069591007e-01f,
                                   6.931471805599453e-01f, 1.0f};
 
-// The two operands of a register tile's products and their multiply-add, fp32: A row-major, B [depth][ldb], one
-// element of depth per step.
-struct Float32Operands {
-  const float* a;
+// The two operands of a register tile's products and their multiply-add: A row-major; B [depth][ldb] in fp32 (one
+// element of depth per step), or bf16 in VNNI pairs ([depth / 2][ldb][2]: a pair of depth per step, one VDPBF16PS per
+// 16 outputs as in oneDNN's AVX512-BF16 kernels, the pair's two products exact, added to the fp32 sum with one
+// rounding).
+template <typename Element>
+struct TileOperands {
+  static_assert(std::is_same_v<Element, float> || std::is_same_v<Element, uint16_t>);
+  static constexpr bool kPairs = std::is_same_v<Element, uint16_t>;
+  static constexpr int64_t kDepthStep = kPairs ? 2 : 1;
+  const Element* a;
   int64_t lda;
-  const float* b;
+  const Element* b;
   int64_t ldb;
-  static constexpr int64_t kDepthStep = 1;
-  __m512 a_at(int r, int64_t k) const { return _mm512_set1_ps(a[r * lda + k]); }
-  __m512 b_at(int64_t k, int v) const { return _mm512_loadu_ps(b + k * ldb + 16 * v); }
-  static __m512 madd(__m512 acc, __m512 a_step, __m512 b_step) { return _mm512_fmadd_ps(a_step, b_step, acc); }
-  Float32Operands from(int64_t row, int64_t col) const { return {a + row * lda, lda, b + col, ldb}; }
-};
-
-// bf16: A row-major, B in VNNI pairs ([depth / 2][ldb][2]), a pair of depth per step: one VDPBF16PS per 16 outputs,
-// as in oneDNN's AVX512-BF16 kernels (the pair's two products exact, added to the fp32 sum with one rounding).
-struct BFloat16PairOperands {
-  const uint16_t* a;
-  int64_t lda;
-  const uint16_t* b;
-  int64_t ldb;
-  static constexpr int64_t kDepthStep = 2;
-  __m512bh a_at(int r, int64_t k) const {
-    return reinterpret_cast<__m512bh>(_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(a + r * lda + k)));
+  auto a_at(int r, int64_t k) const {
+    if constexpr (kPairs) {
+      return reinterpret_cast<__m512bh>(_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(a + r * lda + k)));
+    } else {
+      return _mm512_set1_ps(a[r * lda + k]);
+    }
   }
-  __m512bh b_at(int64_t k, int v) const {
-    return reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + (k / 2 * ldb + 16 * v) * 2));
+  auto b_at(int64_t k, int v) const {
+    if constexpr (kPairs) {
+      return reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + (k / 2 * ldb + 16 * v) * 2));
+    } else {
+      return _mm512_loadu_ps(b + k * ldb + 16 * v);
+    }
   }
-  static __m512 madd(__m512 acc, __m512bh a_step, __m512bh b_step) { return _mm512_dpbf16_ps(acc, a_step, b_step); }
-  BFloat16PairOperands from(int64_t row, int64_t col) const { return {a + row * lda, lda, b + 2 * col, ldb}; }
+  template <typename Step>
+  static __m512 madd(__m512 acc, Step a_step, Step b_step) {
+    if constexpr (kPairs) {
+      return _mm512_dpbf16_ps(acc, a_step, b_step);
+    } else {
+      return _mm512_fmadd_ps(a_step, b_step, acc);
+    }
+  }
+  TileOperands from(int64_t row, int64_t col) const { return {a + row * lda, lda, b + kDepthStep * col, ldb}; }
 };
 
 // C[R x 16 NV] = (accumulate ? diag(alpha) C : 0) + A[R x depth] B[depth x 16 NV] (alpha null: 1), fp32 C: a register
@@ -303,7 +309,7 @@ inline void register_rows(const Operands& x, float* c, int64_t ldc, int64_t dept
 // A row tile of fp32 products over [depth x width]: C = (alpha ? diag(alpha) C : 0) + A B.
 inline void gemm_rows(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t depth,
                       int64_t width, const float* alpha) {
-  register_rows<kRowTile>(Float32Operands{a, lda, b, ldb}, c, ldc, depth, width, alpha != nullptr, alpha);
+  register_rows<kRowTile>(TileOperands<float>{a, lda, b, ldb}, c, ldc, depth, width, alpha != nullptr, alpha);
 }
 
 // 16 x 16 32-bit words transposed in registers: row i becomes word i of every input row. Packing K^T with this
@@ -458,12 +464,12 @@ inline float widen_scalar(uint16_t bits, ElementType type) {
 // oneDNN's rate (Zen 4, in-process A/B: within 1% at S = 2048) and take calls of 16 positions there; see the header.
 void bf16_products(int64_t m_rows, int64_t n_cols, int64_t depth, int64_t lda, int64_t ldb, int64_t ldc,
                    bool accumulate, const float* alpha, const uint16_t* a, const uint16_t* b, float* c) {
-  const BFloat16PairOperands x{a, lda, b, ldb};
+  const TileOperands<uint16_t> x{a, lda, b, ldb};
   int64_t r = 0;
   for (; r + kRowTile <= m_rows; r += kRowTile) {
     register_rows<kRowTile>(x.from(r, 0), c + r * ldc, ldc, depth, n_cols, accumulate, alpha ? alpha + r : alpha);
   }
-  const BFloat16PairOperands tail = x.from(r, 0);
+  const TileOperands<uint16_t> tail = x.from(r, 0);
   float* tail_c = c + r * ldc;
   const float* tail_alpha = alpha ? alpha + r : alpha;
   switch (m_rows - r) {
@@ -908,7 +914,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       }
     }
   }
-  if (kMatrix && p.products == Products::kInputType) at::native::cpublas::brgemm_release();
+  if (kMatrix && p.products == Products::kInputType && !p.bf16_tiles) at::native::cpublas::brgemm_release();
   if (!acc_written) zero_acc();  // no key block: every row is empty
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t pos = first + r / group;
