@@ -28,11 +28,12 @@ def _has_matrix_instructions(dtype) -> bool:
     return native_kernel.extension().products_for(torch.zeros(1, dtype=dtype)) == "input_dtype"
 
 
-# The products on the instructions, where the CPU has them: the implementation "input_dtype" picks, and oneDNN's.
-def _hardware_bf16_params():
+# The products on the instructions, where the CPU has them: the implementation "input_dtype" picks, and oneDNN's
+# (each followed by the test's other parameters, if any).
+def _hardware_bf16_params(*more):
     skip = pytest.mark.skipif(not _has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")
-    return [pytest.param("input_dtype", marks=skip, id="hardware_bf16"),
-            pytest.param("input_dtype_onednn", marks=skip, id="hardware_bf16_onednn")]
+    return [pytest.param("input_dtype", *more, marks=skip, id="hardware_bf16"),
+            pytest.param("input_dtype_onednn", *more, marks=skip, id="hardware_bf16_onednn")]
 
 
 def _op_with_products(products, q, k, v, kwargs, monkeypatch):
@@ -47,7 +48,7 @@ def _op_with_products(products, q, k, v, kwargs, monkeypatch):
 
 @pytest.mark.parametrize("products,dtypes", [
     pytest.param("input_dtype_emulated", SIXTEEN_BIT, id="emulated"),
-    *(pytest.param(p.values[0], (torch.bfloat16,), marks=p.marks, id=p.id) for p in _hardware_bf16_params()),
+    *_hardware_bf16_params((torch.bfloat16,)),
 ])
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
