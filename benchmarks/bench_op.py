@@ -191,6 +191,9 @@ def main() -> None:
     kernel = native_kernel.extension()
     products = {name: kernel.products_for(torch.zeros(1, dtype=dtype)) if kernel else None
                 for name, dtype in DTYPES.items()}
+    # which implementation multiplies (fp32, onednn, bf16_tiles): the report says what it measured
+    routes = {name: kernel.products_route(torch.zeros(1, dtype=dtype)) if kernel else None
+              for name, dtype in DTYPES.items()}
     print(f"{cpu['model']}, {cpu['cpus']} CPUs, {torch.get_num_threads()} threads; ISA: {' '.join(cpu['isa_flags'])}")
     print("measuring the limits (again after the shapes) ...", file=sys.stderr, flush=True)
     measurements = [measure_limits()]
@@ -209,7 +212,8 @@ def main() -> None:
     gemm = limits["gemm_gflops"]
     print("torch.matmul GFLOP/s, before / after the shapes: " + ", ".join(
         f"{name} {measurements[0]['gemm'][name]:.0f} / {measurements[1]['gemm'][name]:.0f}" for name in gemm)
-        + f"; AVX-512 FMA loop {limits['fp32_fma_loop_gflops'] or 0:.0f}; native kernel products: {products}")
+        + f"; AVX-512 FMA loop {limits['fp32_fma_loop_gflops'] or 0:.0f}; native kernel products: {products}"
+        + f" (routes {routes})")
     # The limit of the products the kernel runs in each dtype: the dtype's GEMM rate where it multiplies in the
     # input dtype, else the fp32 peak (a CPU without fp16 matrix instructions runs fp16 GEMM at ~1 GFLOP/s, a
     # limit the kernel's fp32 products are not bound by)
@@ -228,7 +232,7 @@ def main() -> None:
                 for name in DTYPES if any(r["dtype"] == name for r in results)}
     summary = dict(min_ratio_pfa_vs_kernel=min(ratios), geomean_ratio_pfa_vs_kernel=statistics.geometric_mean(ratios),
                    geomean_ratio_pfa_vs_kernel_by_dtype=by_dtype, gemm_gflops=gemm, limits=limits,
-                   native_products=products,
+                   native_products=products, native_products_routes=routes,
                    cpu=cpu, threads=torch.get_num_threads(), torch=torch.__version__)
     print(f"PFA vs vLLM CPU kernel: min {summary['min_ratio_pfa_vs_kernel']:.2f}x, "
           f"geomean {summary['geomean_ratio_pfa_vs_kernel']:.2f}x over {len(results)} shapes; by dtype: "

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,6 +128,33 @@ def test_auto_products_follow_the_cpu():
         extension.prefill_attention(q, q, q, q.clone(), [4], [4], [-4], [0], 1.0, "input_dtype")
     with pytest.raises(RuntimeError, match="products must be"):
         extension.prefill_attention(q, q, q, q.clone(), [4], [4], [-4], [0], 1.0, "bf16")
+
+
+def _linux_cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="the CPU's flags as Linux reports them are needed")
+def test_products_route_follows_the_cpu_flags():
+    """The kernel reads AVX512-BF16 and AMX-BF16 from CPUID itself; Linux's reading of the same bits decides which
+    route each dtype takes: bf16 in the kernel's own tiles exactly where the CPU has AVX512-BF16 and no AMX-BF16,
+    oneDNN's brgemm for the other 16-bit routes, "input_dtype_onednn" always brgemm, fp32 never 16-bit."""
+    extension = native_kernel.extension()
+    flags = _linux_cpu_flags()
+    bf16, fp16 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.float16)
+    assert extension.products_route(torch.zeros(1)) == "fp32"
+    assert extension.products_route(bf16, "input_dtype_emulated") == "emulated"
+    if _has_matrix_instructions(torch.bfloat16):
+        tiles = "avx512_bf16" in flags and "amx_bf16" not in flags
+        assert extension.products_route(bf16) == extension.products_route(bf16, "input_dtype")
+        assert extension.products_route(bf16) == ("bf16_tiles" if tiles else "onednn")
+        assert extension.products_route(bf16, "input_dtype_onednn") == "onednn"
+    else:
+        assert extension.products_route(bf16) == "fp32"
+    assert extension.products_route(fp16) == ("onednn" if _has_matrix_instructions(torch.float16) else "fp32")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

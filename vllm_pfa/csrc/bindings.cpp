@@ -14,6 +14,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("products_for", &vllm_pfa::products_for,
         "How prefill_attention multiplies for a query of this dtype here: input_dtype (16-bit matrix "
         "instructions) or fp32", pybind11::arg("query"));
+  m.def("products_route", &vllm_pfa::products_route,
+        "The route of prefill_attention's products for this query dtype and products argument here: fp32, onednn, "
+        "bf16_tiles or emulated", pybind11::arg("query"), pybind11::arg("products") = "auto");
   m.def("fp32_fma_peak_gflops", &vllm_pfa::fp32_fma_peak_gflops,
         "The fp32 FMA rate of all threads in an AVX-512 FMA loop (GFLOP/s): the benchmarks' fp32 peak line",
         pybind11::arg("seconds") = 0.5);

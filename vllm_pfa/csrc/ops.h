@@ -15,7 +15,8 @@ namespace vllm_pfa {
 bool cpu_supported();
 
 // Banded prefill attention into `out` (prefill_attention.cpp). products: "auto" (16-bit matrix products where this
-// CPU has them for the dtype, else fp32), "fp32", "input_dtype", "input_dtype_emulated" (tests). out_starts
+// CPU has them for the dtype, else fp32), "fp32", "input_dtype", "input_dtype_onednn" (oneDNN's brgemm even where
+// the kernel's own bf16 register tiles would run; tests), "input_dtype_emulated" (tests). out_starts
 // (optional): out is [1, N, S, D] and batch b's query row i goes to out[0, :, out_starts[b] + i] (vLLM's token rows).
 void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                        const std::vector<int64_t>& q_lens, const std::vector<int64_t>& kv_lens,
@@ -24,6 +25,10 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 // The products "auto" picks for a query of this dtype on this CPU: "input_dtype" or "fp32".
 std::string products_for(const at::Tensor& query);
+
+// The route prefill_attention's products take for this query dtype and `products` argument on this CPU: "fp32",
+// "onednn" (PyTorch's brgemm), "bf16_tiles" (the kernel's own AVX512-BF16 register tiles) or "emulated".
+std::string products_route(const at::Tensor& query, const std::string& products);
 
 // The first seq_len tokens of a request's paged K/V into dense [tokens, kv_heads, head] outputs (paged_kv_gather.cpp).
 void gather_paged_kv(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_ids,

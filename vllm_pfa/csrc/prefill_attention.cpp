@@ -87,8 +87,10 @@
 #include "ops.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <cpuid.h>
 #include <immintrin.h>
 #include <sys/mman.h>
 
@@ -107,8 +109,10 @@ namespace vllm_pfa {
 
 enum class ElementType : int { kFloat32, kFloat16, kBFloat16 };
 
-// How the two matrix products are computed (see the header comment).
-enum class Products : int { kFloat32, kInputType, kInputTypeEmulated };
+// How the two matrix products are computed (see the header comment), decided once per call by parse_products: in
+// fp32; in the input dtype through oneDNN's brgemm or through this file's bf16 register tiles (bf16_products); or in
+// the input dtype's emulation (tests).
+enum class Products : int { kFloat32, kInputTypeOneDNN, kInputTypeTiles, kInputTypeEmulated };
 
 constexpr int kRowTile = 6;           // register tile rows
 constexpr int kColVectors = 4;        // register tile width in 16-float vectors (64 columns)
@@ -136,7 +140,6 @@ struct Problem {
   int64_t heads, kv_heads, head_dim, padded_dim;
   float score_scale;  // scale_value * log2(e)
   bool bf16_instructions;  // round P with AVX512-BF16 (the CPU has it, and the products are not emulated)
-  bool bf16_tiles;  // the bf16 products in this file's register tiles instead of oneDNN's (see bf16_products)
 };
 
 struct BatchBand {
@@ -486,7 +489,9 @@ void bf16_products(int64_t m_rows, int64_t n_cols, int64_t depth, int64_t lda, i
 // VNNI pairs ([K / 2][ldb][2]), both 16-bit of p.type; N a multiple of 16 and K of 2.
 void products_16bit(const Problem& p, int64_t m_rows, int64_t n_cols, int64_t depth, int64_t lda, int64_t ldb,
                     int64_t ldc, bool accumulate, const float* alpha, const uint16_t* a, const uint16_t* b, float* c) {
-  if (p.bf16_tiles) return bf16_products(m_rows, n_cols, depth, lda, ldb, ldc, accumulate, alpha, a, b, c);
+  if (p.products == Products::kInputTypeTiles) {
+    return bf16_products(m_rows, n_cols, depth, lda, ldb, ldc, accumulate, alpha, a, b, c);
+  }
   for (int64_t m = 0; accumulate && alpha && m < m_rows; ++m) {  // the others scale C first
     if (alpha[m] == 1.0f) continue;
     const __m512 scale = _mm512_set1_ps(alpha[m]);
@@ -494,7 +499,7 @@ void products_16bit(const Problem& p, int64_t m_rows, int64_t n_cols, int64_t de
       _mm512_storeu_ps(c + m * ldc + n, _mm512_mul_ps(_mm512_loadu_ps(c + m * ldc + n), scale));
     }
   }
-  if (p.products == Products::kInputType) {
+  if (p.products == Products::kInputTypeOneDNN) {
     if (p.type == ElementType::kBFloat16) {
       at::native::cpublas::brgemm(m_rows, n_cols, depth, lda, ldb, ldc, accumulate,
                                   reinterpret_cast<const at::BFloat16*>(a), reinterpret_cast<const at::BFloat16*>(b),
@@ -713,7 +718,9 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   // Rows are taken in groups that share a column range per key block: register tiles in fp32, chunks of positions
   // in 16 bits (a brgemm call each where the ranges differ).
-  const int64_t group_rows = !kMatrix ? kRowTile : (p.bf16_tiles ? kTileChunkPositions : kMatrixChunkPositions) * group;
+  const int64_t chunk_positions =
+      p.products == Products::kInputTypeTiles ? kTileChunkPositions : kMatrixChunkPositions;
+  const int64_t group_rows = !kMatrix ? kRowTile : chunk_positions * group;
   const int64_t tiles = (padded_rows + group_rows - 1) / group_rows;
   for (int64_t block_start = union_hi ? union_lo / kKeyBlock * kKeyBlock : 0; block_start < union_hi;
        block_start += kKeyBlock) {
@@ -914,7 +921,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       }
     }
   }
-  if (kMatrix && p.products == Products::kInputType && !p.bf16_tiles) at::native::cpublas::brgemm_release();
+  if (kMatrix && p.products == Products::kInputTypeOneDNN) at::native::cpublas::brgemm_release();
   if (!acc_written) zero_acc();  // no key block: every row is empty
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t pos = first + r / group;
@@ -1036,28 +1043,61 @@ bool input_type_products_supported(ElementType type) {
   return type == ElementType::kBFloat16 ? bf16 : type == ElementType::kFloat16 && fp16;
 }
 
+// The 16-bit instructions beyond cpu_supported's, read from CPUID: __builtin_cpu_supports knows AVX512-BF16 only from
+// GCC 10 and AMX-BF16 from GCC 11, and torch's at::cpu helpers for them changed names between the torch releases the
+// extension is built against. AMX also needs the Linux kernel's permission for its tile state, which
+// at::cpu::init_amx (the same in those releases) requests, as oneDNN would before its first AMX kernel.
+struct MatrixFeatures {
+  bool avx512_bf16, amx_bf16;
+};
+
+const MatrixFeatures& matrix_features() {
+  static const MatrixFeatures features = [] {
+    unsigned int max_subleaf = 0, ebx = 0, ecx = 0, leaf7_edx = 0, leaf7_1_eax = 0;
+    if (!cpu_supported() || !__get_cpuid_count(7, 0, &max_subleaf, &ebx, &ecx, &leaf7_edx)) {
+      return MatrixFeatures{false, false};
+    }
+    unsigned int unused_ebx = 0, unused_ecx = 0, unused_edx = 0;
+    if (max_subleaf >= 1) __get_cpuid_count(7, 1, &leaf7_1_eax, &unused_ebx, &unused_ecx, &unused_edx);
+    const bool amx_bf16 = ((leaf7_edx >> 22) & 1) != 0;  // CPUID.(7,0):EDX[22] AMX-BF16
+    return MatrixFeatures{((leaf7_1_eax >> 5) & 1) != 0,   // CPUID.(7,1):EAX[5] AVX512-BF16
+                          amx_bf16 && at::cpu::init_amx()};
+  }();
+  return features;
+}
+
+// The products route: "auto" and "input_dtype" take the 16-bit instructions' fastest route here (bf16: the register
+// tiles where the CPU has AVX512-BF16 and no AMX, whose oneDNN kernels are several times faster; else oneDNN's
+// brgemm); "input_dtype_onednn" takes brgemm wherever it runs (tests compare both routes).
 Products parse_products(const std::string& products, ElementType type) {
-  if (products == "auto") {
-    return cpu_supported() && input_type_products_supported(type) ? Products::kInputType : Products::kFloat32;
-  }
+  const bool input_type_supported = cpu_supported() && input_type_products_supported(type);
+  if (products == "auto" && !input_type_supported) return Products::kFloat32;
   if (products == "fp32") return Products::kFloat32;
-  TORCH_CHECK((products == "input_dtype" || products == "input_dtype_onednn" || products == "input_dtype_emulated") &&
-                  type != ElementType::kFloat32,
+  TORCH_CHECK(products == "auto" || ((products == "input_dtype" || products == "input_dtype_onednn" ||
+                                      products == "input_dtype_emulated") && type != ElementType::kFloat32),
               "vllm_pfa native kernel: products must be auto, fp32, input_dtype, input_dtype_onednn or "
               "input_dtype_emulated (the last three for 16-bit inputs), got ", products);
   if (products == "input_dtype_emulated") return Products::kInputTypeEmulated;
-  TORCH_CHECK(input_type_products_supported(type),
+  TORCH_CHECK(input_type_supported,
               "vllm_pfa native kernel: this CPU has no 16-bit matrix instructions for this dtype");
-  return Products::kInputType;
+  const bool tiles = type == ElementType::kBFloat16 && matrix_features().avx512_bf16 && !matrix_features().amx_bf16;
+  return tiles && products != "input_dtype_onednn" ? Products::kInputTypeTiles : Products::kInputTypeOneDNN;
 }
 
 }  // namespace
 
 std::string products_for(const at::Tensor& query) {
-  switch (parse_products("auto", element_type(query))) {
-    case Products::kInputType: return "input_dtype";
-    default: return "fp32";
+  return parse_products("auto", element_type(query)) == Products::kFloat32 ? "fp32" : "input_dtype";
+}
+
+std::string products_route(const at::Tensor& query, const std::string& products) {
+  switch (parse_products(products, element_type(query))) {
+    case Products::kFloat32: return "fp32";
+    case Products::kInputTypeOneDNN: return "onednn";
+    case Products::kInputTypeTiles: return "bf16_tiles";
+    case Products::kInputTypeEmulated: return "emulated";
   }
+  return "fp32";  // unreachable: every route is named above
 }
 
 bool cpu_supported() {
@@ -1113,10 +1153,8 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
             parse_products(products, type), out_starts.empty() ? nullptr : out_starts.data(), heads, kv_heads,
             head_dim, (head_dim + 15) / 16 * 16, static_cast<float>(scale * M_LOG2E), false};
   // The emulated products keep the AVX-512F rounding: on a CPU with AVX512-BF16 the tests compare both roundings.
-  p.bf16_instructions = p.products == Products::kInputType && __builtin_cpu_supports("avx512bf16");
-  // With AMX oneDNN's tile kernels are several times faster than VDPBF16PS; input_dtype_onednn asks for oneDNN (tests).
-  p.bf16_tiles = p.bf16_instructions && type == ElementType::kBFloat16 && products != "input_dtype_onednn" &&
-                 !__builtin_cpu_supports("amx-bf16");
+  p.bf16_instructions = (p.products == Products::kInputTypeOneDNN || p.products == Products::kInputTypeTiles) &&
+                        matrix_features().avx512_bf16;
   const bool matrix = p.products != Products::kFloat32;
   const int64_t group = heads / kv_heads;
   const int64_t positions_per_block = std::max<int64_t>(1, kRowsPerQueryBlock / group);
