@@ -121,12 +121,18 @@ def test_prefill_attention_unbounded_offsets_do_not_overflow():
     assert torch.equal(out, expected)
 
 
-def _native_and_reference(q, k, v, heads=2):
-    """The op on BNSD tensors, causal (asserting that the native kernel ran), and the reference."""
+def _native_and_reference(q, k, v, heads=2, products="auto"):
+    """The op on BNSD tensors, causal (asserting that the native kernel ran, its products forced where `products` is
+    not "auto"), and the reference."""
     kwargs = dict(num_heads=heads, input_layout="BNSD", scale_value=1 / math.sqrt(q.shape[-1]), sparse_mode=3,
                   atten_mask=compressed_causal_mask())
-    with counting_native_runs() as calls:
-        actual = npu_prompt_flash_attention(q, k, v, **kwargs)
+    run = native_kernel.run
+    native_kernel.run = lambda *args: run(*args, products=products)
+    try:
+        with counting_native_runs() as calls:
+            actual = npu_prompt_flash_attention(q, k, v, **kwargs)
+    finally:
+        native_kernel.run = run
     assert calls, "the native kernel did not run"
     return actual, reference_npu_prompt_flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), **kwargs)
 
@@ -146,20 +152,37 @@ def _assert_same_non_finite(actual, expected, tol):
     torch.testing.assert_close(actual[finite].float(), expected[finite].float(), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def _has_bf16_matrix_instructions() -> bool:
+    return native_kernel.available() and native_kernel.extension().products_for(torch.zeros(1, dtype=torch.bfloat16)) \
+        == "input_dtype"
+
+
+# Each way the kernel forms weights: fp32 products; the 16-bit products on the instructions (bf16: the kernel's own
+# tiles or oneDNN's where the CPU has them) and emulated (bf16 and fp16 weights rounded by AVX-512F code).
+NON_FINITE_ROUTES = [
+    pytest.param(torch.float32, "auto", 2e-5, id="fp32"),
+    pytest.param(torch.bfloat16, "auto", 3e-2, id="bf16"),
+    pytest.param(torch.bfloat16, "input_dtype_onednn", 3e-2, id="bf16_onednn",
+                 marks=pytest.mark.skipif(not _has_bf16_matrix_instructions(), reason="no bf16 matrix instructions")),
+    pytest.param(torch.bfloat16, "input_dtype_emulated", 3e-2, id="bf16_emulated"),
+    pytest.param(torch.float16, "input_dtype_emulated", 1e-2, id="fp16_emulated"),
+]
+
+
+@pytest.mark.parametrize("dtype,products,tol", NON_FINITE_ROUTES)
 @pytest.mark.parametrize("seq", [40, 300])
-def test_nan_in_a_kept_key_makes_its_rows_nan(dtype, seq, tol):
+def test_nan_in_a_kept_key_makes_its_rows_nan(dtype, products, seq, tol):
     """Issue 10, finding 5: rows that keep a NaN key are NaN (the kernel used to drop the key as if masked)."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, seq, 64, generator=gen).to(dtype) for _ in range(3))
     k[0, 1, seq // 2, 3] = float("nan")  # causal: rows >= seq // 2 of heads 1 keep it, earlier rows do not
-    actual, expected = _native_and_reference(q, k, v)
+    actual, expected = _native_and_reference(q, k, v, products=products)
     assert bool(expected[0, 1, seq // 2:].isnan().all()) and not bool(expected[0, :, : seq // 2].isnan().any())
     _assert_same_non_finite(actual, expected, tol)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
-def test_infinite_scores_as_in_the_reference(dtype, tol):
+@pytest.mark.parametrize("dtype,products,tol", NON_FINITE_ROUTES)
+def test_infinite_scores_as_in_the_reference(dtype, products, tol):
     """A +inf kept score makes its row NaN (softmax's exp(inf - inf)); a -inf kept score weighs 0 unless every
     kept score of the row is -inf (NaN again)."""
     gen = torch.Generator().manual_seed(1)
@@ -175,13 +198,13 @@ def test_infinite_scores_as_in_the_reference(dtype, tol):
     q[0, 1, 250] = 0
     q[0, 1, 250, 0] = -1e30
     k[0, 1, 240, 0] = -1.0  # row 250 of head 1: one huge score, the rest -inf or tiny
-    actual, expected = _native_and_reference(q, k, v)
+    actual, expected = _native_and_reference(q, k, v, products=products)
     assert bool(expected[0, 0, 7].isnan().all()) and bool(expected[0, 1, 200].isnan().all())
     _assert_same_non_finite(actual, expected, tol)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
-def test_non_finite_values_count_only_where_kept(dtype, tol):
+@pytest.mark.parametrize("dtype,products,tol", NON_FINITE_ROUTES)
+def test_non_finite_values_count_only_where_kept(dtype, products, tol):
     """Policy rule 1 and 4 (reference.py): a NaN/inf value of a masked key is never read; a kept one propagates
     (inf where its weight is > 0)."""
     gen = torch.Generator().manual_seed(2)
@@ -189,6 +212,6 @@ def test_non_finite_values_count_only_where_kept(dtype, tol):
     q, k, v = (torch.randn(1, 2, seq, 64, generator=gen).to(dtype) for _ in range(3))
     v[0, 0, 100, 5] = float("inf")  # causal: rows >= 100 keep it, rows 96..99 share its tiles but mask it
     v[0, 1, 270, 7] = float("nan")
-    actual, expected = _native_and_reference(q, k, v)
+    actual, expected = _native_and_reference(q, k, v, products=products)
     assert bool(expected[0, 0, 100:, 5].isinf().all()) and not bool(expected[0, 0, :100].isinf().any())
     _assert_same_non_finite(actual, expected, tol)
