@@ -72,6 +72,15 @@
 // time through Q K^T, the softmax and P V, its scores hot in L1: -1.3% to +0.3%; the output rows prefetched (L2, or
 // PREFETCHW) at the block's start or before its last key block: -4% to +1%; 48, 64, 128 or 192 rows per query block
 // instead of 96: within +-1% (192: -4% at MHA D64 S=512).
+// Upper bounds with the register tiles, bf16 MHA D64 S=512, from builds that skip one phase (each build in its own
+// process, alternating, 6-12 rounds of 8 fresh calls; builds loaded into one process share the first one's code):
+// without the softmax +20%, without the output stores +5-7% (a reused, written output too: the stores wait for their
+// lines, rows a page apart), without Q K^T +54%, without P V +50%. Kept, measured that way: the softmax's reductions,
+// alpha and row state 16 rows at a time (softmax_rows_finite). Tried and not kept: the first pass's score sum replaced
+// by a check of the weights' sum (+0.1-0.7%); 2^x through VREDUCEPS and VSCALEFPS's floor, one instruction fewer
+// (0%); two sums in the second pass (0%); the output rows prefetched into L2 at the block's start (MHA D64 +1.1%, GQA
+// -0.6%, D128 +0.5%); the output written with streaming stores (MHA D64 +2.5%, GQA +0.5%, D128 +0.8%), which would
+// leave it in memory for the next layer's read instead of in L3, moving the cost rather than saving it.
 // Kept, measured the same way against oneDNN's brgemm (products "input_dtype_onednn"): the bf16 products in this file's
 // VDPBF16PS register tiles, in calls of 16 positions on a causal diagonal (48 with brgemm), acc's rescale folded into
 // the P V tiles. bf16 causal S=512: MHA D64 +4.4%, D128 +5.1%, GQA 32/8 D64 +3.7%, D128 +3.1%, 9/3 D64 (SmolLM2)
@@ -558,80 +567,148 @@ inline __m256i narrow_weights(__m512 x) {
   return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
 }
 
-// One row's online-softmax step over one key block where its scores are finite: the fp32 products' (scaled already,
-// through Q), and the 16-bit products' with a positive scale (every real model). For the latter the block max is
-// taken over the raw fp32 products (scaling by s > 0 keeps their order) and each weight is
-// exp2(round(x * s) - round(max * s)), so the scores are read twice and never written back (the general path
-// scales and stores them first); the fp32 weights overwrite their scores (probs is the row). A row that keeps every
-// column of [score_lo, score_hi), all but the diagonal blocks of a causal row, skips the column masks. Measured on
-// AMX (2 cores), where the products are cheap and this loop is most of the kernel's time: per 16 scores one load,
-// max and add in the first pass, and in the second a load-multiply, a subtraction, the polynomial, the rounding, a
-// store and the sum. On the fp32 products (Zen 4, fp16 inputs) it replaced the general path's masks and NaN
-// compares: MHA D64 S=512 +12%. Returns false, having changed nothing, where the general path must decide: a NaN
-// or inf among the kept scores (their sum is not finite: a huge finite sum is sent there too, harmlessly), a NaN
-// row state, a scaled max that overflows.
+// Lane i of the result: v[i]'s 16 lanes reduced by op, for 16 vectors at once in a transposing tree (45
+// instructions and four steps of latency, where one vector's own reduction takes 8 dependent ones).
+template <typename Op>
+inline __m512 reduce_each(const __m512 (&v)[16], Op op) {
+  __m512 pairs[8], quads[4], halves[2];
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {  // per 128-bit lane: (v[2j], v[2j + 1], v[2j], v[2j + 1])
+    pairs[j] = op(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {  // per 128-bit lane: v[4j .. 4j + 3]
+    quads[j] = op(_mm512_shuffle_ps(pairs[2 * j], pairs[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                  _mm512_shuffle_ps(pairs[2 * j], pairs[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+#pragma GCC unroll 2
+  for (int j = 0; j < 2; ++j) {  // 128-bit lanes: v[8j .. 8j + 3] twice, v[8j + 4 .. 8j + 7] twice
+    halves[j] = op(_mm512_shuffle_f32x4(quads[2 * j], quads[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                   _mm512_shuffle_f32x4(quads[2 * j], quads[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  return op(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+            _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+struct MaxOp {
+  __m512 operator()(__m512 a, __m512 b) const { return _mm512_max_ps(a, b); }
+};
+struct AddOp {
+  __m512 operator()(__m512 a, __m512 b) const { return _mm512_add_ps(a, b); }
+};
+
+// The kept columns [lo, hi) and the columns the products read [score_lo, score_hi) of a group's rows, block-relative.
+struct RowColumns {
+  int64_t lo[16], hi[16], score_lo[16], score_hi[16];
+};
+
 template <WeightFormat kFormat>
-bool softmax_row_finite(const float* row, std::conditional_t<kFormat == WeightFormat::kFloat32, float, uint16_t>* probs,
-                        int64_t lo, int64_t hi, int64_t score_lo, int64_t score_hi, float scale_value, float* row_max,
-                        float* row_sum, float* alpha) {
+using Weight = std::conditional_t<kFormat == WeightFormat::kFloat32, float, uint16_t>;
+
+// The online-softmax step of up to 16 rows (bit i of `rows`: row i, its scores at scores + i * kKeyBlock) over one
+// key block where their scores are finite: the fp32 products' (scaled already, through Q), and the 16-bit products'
+// with a positive scale (every real model). For the latter the block max is taken over the raw fp32 products
+// (scaling by s > 0 keeps their order) and each weight is exp2(round(x * s) - round(max * s)), so the scores are read
+// twice and never written back (the general path scales and stores them first); the fp32 weights overwrite their
+// scores (probs is the scores). Per 16 scores: one load, max and add in the first pass, and in the second a
+// load-multiply, a subtraction, the polynomial, the rounding, a store and the sum; only the 16 columns holding lo or
+// hi take a column mask. The rows' reductions (max, sum, finiteness), alpha's exp2 and the loads and stores of their
+// state run once per 16 rows, a row per lane. Against one row at a time (builds compared in separate processes, Zen
+// 4): bf16 causal S=512 MHA D64 +3-5%, GQA 32/8 D64 +3.7%, MHA D128 +2%; MHA D64 S=1024 +2.5%; GQA D128 S=2048 +1%;
+// fp16 (fp32 weights) MHA D64 S=512 +2.4%. Returns the rows done; the others, unchanged, are for the general path:
+// a NaN or inf among the kept scores (their sum is not finite: a huge finite sum is sent there too, harmlessly), a
+// NaN row state, a scaled max that overflows.
+template <WeightFormat kFormat>
+__mmask16 softmax_rows_finite(float* scores, Weight<kFormat>* probs, __mmask16 rows, const RowColumns& columns,
+                              float scale_value, float* row_max, float* row_sum, float* alpha) {
   constexpr ElementType type = kFormat == WeightFormat::kFloat16 ? ElementType::kFloat16 : ElementType::kBFloat16;
-  const __m512 zero = _mm512_setzero_ps();
-  __m512 vmax = _mm512_set1_ps(-kInf), vcheck = zero;
-  for (int64_t c = lo; c < hi; c += 16) {
-    const __mmask16 m = tail_mask(hi - c);
-    const __m512 x = _mm512_maskz_loadu_ps(m, row + c);
-    vcheck = _mm512_add_ps(vcheck, x);
-    vmax = _mm512_mask_max_ps(vmax, m, vmax, x);
+  const __m512 zero = _mm512_setzero_ps(), neg_inf = _mm512_set1_ps(-kInf), scale = _mm512_set1_ps(scale_value);
+  __m512 vmax[16], vsum[16];  // vsum holds the first pass's plain sums (the finiteness check), then the weights'
+#pragma GCC unroll 1
+  for (int i = 0; i < 16; ++i) {
+    vmax[i] = neg_inf;
+    vsum[i] = zero;
+    if (!((rows >> i) & 1)) continue;
+    const float* row = scores + i * kKeyBlock;
+    const int64_t lo = columns.lo[i], hi = columns.hi[i];
+    int64_t c = lo;
+    for (; c + 16 <= hi; c += 16) {
+      const __m512 x = _mm512_loadu_ps(row + c);
+      vsum[i] = _mm512_add_ps(vsum[i], x);
+      vmax[i] = _mm512_max_ps(vmax[i], x);
+    }
+    if (c < hi) {
+      const __mmask16 m = tail_mask(hi - c);
+      const __m512 x = _mm512_maskz_loadu_ps(m, row + c);
+      vsum[i] = _mm512_add_ps(vsum[i], x);
+      vmax[i] = _mm512_mask_max_ps(vmax[i], m, vmax[i], x);
+    }
   }
-  const float old_max = *row_max, block_max = _mm512_reduce_max_ps(vmax) * scale_value;
-  if (!std::isfinite(_mm512_reduce_add_ps(vcheck)) || std::isnan(old_max) || !std::isfinite(block_max)) {
-    return false;
-  }
-  const float new_max = std::max(old_max, block_max);
-  const __m512 scale = _mm512_set1_ps(scale_value), shift = _mm512_set1_ps(new_max);
+  auto finite = [](__m512 x) { return _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_EQ_OQ); };
+  const __m512 old_max = _mm512_maskz_loadu_ps(rows, row_max);
+  const __m512 block_max = _mm512_mul_ps(reduce_each(vmax, MaxOp{}), scale);
+  const __mmask16 done = rows & finite(reduce_each(vsum, AddOp{})) & finite(block_max) &
+                         _mm512_cmp_ps_mask(old_max, old_max, _CMP_ORD_Q);
+  const __m512 new_max = _mm512_max_ps(old_max, block_max);  // old_max is -inf until a finite score is seen
+  alignas(64) float shifts[16];
+  _mm512_store_ps(shifts, new_max);
   // bf16 pairs (1, 1): with AVX512-BF16 one dot product adds a vector of rounded weights to the sum
   const __m512i ones = _mm512_set1_epi16(0x3F80);
-  __m512 vsum = zero;
-  auto weights = [&](int64_t c, __mmask16 kept) {
-    // round(x * s) - round(max * s), two roundings as in the general path: the row's max weighs exactly 1, and a
-    // kept column's argument is <= 0 (rounding is monotonic). A fused x * s - max * s would leave the product's
-    // rounding error, which for huge scores is a huge negative number (exp2 of it: 0); the empty asm keeps the
-    // compiler from contracting the two into an FMA. The fp32 products' scores are scaled already. Columns not kept
-    // may hold anything: masked to 0 after exp2.
-    __m512 scaled = _mm512_loadu_ps(row + c);
-    if constexpr (kFormat != WeightFormat::kFloat32) {
-      scaled = _mm512_mul_ps(scaled, scale);
-      __asm__("" : "+v"(scaled));
-    }
-    const __m512 e = _mm512_maskz_mov_ps(kept, exp2_weights<kFormat>(_mm512_sub_ps(scaled, shift)));
-    if constexpr (kFormat == WeightFormat::kFloat32) {
-      _mm512_storeu_ps(probs + c, e);
-      vsum = _mm512_add_ps(vsum, e);
-      return;
-    }
-    const __m256i narrow = narrow_weights<kFormat>(e);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + c), narrow);
-    if constexpr (kFormat == WeightFormat::kBFloat16Instruction) {
-      vsum = _mm512_dpbf16_ps(vsum, reinterpret_cast<__m512bh>(_mm512_zextsi256_si512(narrow)),
-                              reinterpret_cast<__m512bh>(ones));
-    } else {
-      vsum = _mm512_add_ps(vsum, widen_half(_mm512_cvtepu16_epi32(narrow), false, type));
-    }
-  };
-  if (lo <= score_lo && hi >= score_hi) {
-    for (int64_t c = score_lo; c < score_hi; c += 16) weights(c, __mmask16(0xFFFF));
-  } else {
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    for (int64_t c = score_lo; c < score_hi; c += 16) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+#pragma GCC unroll 1
+  for (int i = 0; i < 16; ++i) {
+    vsum[i] = zero;
+    if (!((done >> i) & 1)) continue;
+    const float* row = scores + i * kKeyBlock;
+    Weight<kFormat>* row_probs = probs + i * kKeyBlock;
+    const int64_t lo = columns.lo[i], hi = columns.hi[i], score_hi = columns.score_hi[i];
+    const __m512 shift = _mm512_set1_ps(shifts[i]);
+    __m512 sum = zero;
+    auto weights = [&](int64_t c, __mmask16 kept) {
+      // round(x * s) - round(max * s), two roundings as in the general path: the row's max weighs exactly 1, and a
+      // kept column's argument is <= 0 (rounding is monotonic). A fused x * s - max * s would leave the product's
+      // rounding error, which for huge scores is a huge negative number (exp2 of it: 0); the empty asm keeps the
+      // compiler from contracting the two into an FMA. The fp32 products' scores are scaled already. Columns not
+      // kept may hold anything: masked to 0 after exp2.
+      __m512 scaled = _mm512_loadu_ps(row + c);
+      if constexpr (kFormat != WeightFormat::kFloat32) {
+        scaled = _mm512_mul_ps(scaled, scale);
+        __asm__("" : "+v"(scaled));
+      }
+      const __m512 e = _mm512_maskz_mov_ps(kept, exp2_weights<kFormat>(_mm512_sub_ps(scaled, shift)));
+      if constexpr (kFormat == WeightFormat::kFloat32) {
+        _mm512_storeu_ps(row_probs + c, e);
+        sum = _mm512_add_ps(sum, e);
+        return;
+      }
+      const __m256i narrow = narrow_weights<kFormat>(e);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row_probs + c), narrow);
+      if constexpr (kFormat == WeightFormat::kBFloat16Instruction) {
+        sum = _mm512_dpbf16_ps(sum, reinterpret_cast<__m512bh>(_mm512_zextsi256_si512(narrow)),
+                               reinterpret_cast<__m512bh>(ones));
+      } else {
+        sum = _mm512_add_ps(sum, widen_half(_mm512_cvtepu16_epi32(narrow), false, type));
+      }
+    };
+    auto kept_columns = [&](int64_t c) {
       const __m512i col = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(c)));
-      weights(c, _mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(lo)), _MM_CMPINT_NLT) &
-                     _mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(hi)), _MM_CMPINT_LT));
-    }
+      return __mmask16(_mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(lo)), _MM_CMPINT_NLT) &
+                       _mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(hi)), _MM_CMPINT_LT));
+    };
+    const int64_t all_kept_lo = std::min((lo + 15) / 16 * 16, score_hi), all_kept_hi = hi / 16 * 16;
+    int64_t c = columns.score_lo[i];
+    for (; c < all_kept_lo; c += 16) weights(c, kept_columns(c));
+    for (; c < all_kept_hi; c += 16) weights(c, __mmask16(0xFFFF));
+    for (; c < score_hi; c += 16) weights(c, kept_columns(c));
+    vsum[i] = sum;
   }
-  *alpha = old_max == -kInf ? 0.0f : std::exp2(old_max - new_max);  // 0 until a finite score is seen
-  *row_sum = *row_sum * *alpha + _mm512_reduce_add_ps(vsum);
-  *row_max = new_max;
-  return true;
+  // alpha = exp2(old max - new max) by the fp32 path's polynomial (1e-8 relative), 0 while old max is -inf
+  const __m512 rescale = exp2_nonpositive(_mm512_sub_ps(old_max, new_max), kExp2Float32);
+  _mm512_mask_storeu_ps(alpha, done, rescale);
+  _mm512_mask_storeu_ps(row_sum, done,
+                        _mm512_fmadd_ps(_mm512_maskz_loadu_ps(done, row_sum), rescale, reduce_each(vsum, AddOp{})));
+  _mm512_mask_storeu_ps(row_max, done, new_max);
+  return done;
 }
 
 struct Scratch {
@@ -794,41 +871,12 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
     }
     // Online softmax: the weights of the kept columns, 0 for the rest of the columns the products below read (the
     // row's group's range in whole 16-key tiles, which is the block's where the groups are uniform; in 16 bits
-    // written in the input dtype). Rows of a group that keeps nothing here are read by no product.
-    for (int64_t r = 0; r < padded_rows; ++r) {
-      const int64_t t = r / group_rows;
-      if (s.tile_lo[t] >= s.tile_hi[t]) continue;
-      const int64_t score_lo = s.tile_lo[t] / 16 * 16;
-      const int64_t score_hi = (s.tile_hi[t] + 15) / 16 * 16;
+    // written in the input dtype). Rows of a group that keeps nothing here are read by no product. Rows go through
+    // softmax_rows_finite 16 at a time; softmax_row is the general path of the rows it leaves: scores scaled in
+    // place, NaN and inf as in the reference's softmax.
+    auto softmax_row = [&](int64_t r, int64_t lo, int64_t hi, int64_t score_lo, int64_t score_hi) {
       float* row = s.scores + r * kKeyBlock;
       uint16_t* probs = s.probs16 + r * kKeyBlock;
-      const int64_t lo = std::max(s.lo[r] - block_start, int64_t(0));
-      const int64_t hi = std::min(s.hi[r] - block_start, int64_t(kKeyBlock));
-      if (lo >= hi) {  // nothing kept in this block: zero weights, state unchanged
-        for (int64_t c = score_lo; c < score_hi; c += 16) {
-          if constexpr (kMatrix) {
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + c), _mm256_setzero_si256());
-          } else {
-            _mm512_storeu_ps(row + c, _mm512_setzero_ps());
-          }
-        }
-        s.alpha[r] = 1.0f;
-        continue;
-      }
-      if constexpr (kMatrix) {
-        if (p.score_scale > 0.0f) {
-          const auto softmax = p.type == ElementType::kFloat16 ? softmax_row_finite<WeightFormat::kFloat16>
-                               : p.bf16_instructions ? softmax_row_finite<WeightFormat::kBFloat16Instruction>
-                                                     : softmax_row_finite<WeightFormat::kBFloat16>;
-          if (softmax(row, probs, lo, hi, score_lo, score_hi, p.score_scale, s.row_max + r, s.row_sum + r,
-                      s.alpha + r)) {
-            continue;
-          }
-        }
-      } else if (softmax_row_finite<WeightFormat::kFloat32>(row, row, lo, hi, score_lo, score_hi, 1.0f, s.row_max + r,
-                                                            s.row_sum + r, s.alpha + r)) {
-        continue;
-      }
       __m512 vmax = neg_inf;
       __mmask16 nan = 0;
       for (int64_t c = lo; c < hi; c += 16) {
@@ -867,6 +915,54 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       s.alpha[r] = old_max == -kInf ? 0.0f : std::exp2(old_max - new_max);  // 0 until a finite score is seen
       s.row_sum[r] = s.row_sum[r] * s.alpha[r] + _mm512_reduce_add_ps(vsum);
       s.row_max[r] = new_max;
+    };
+    for (int64_t r0 = 0; r0 < padded_rows; r0 += 16) {
+      RowColumns columns;
+      __mmask16 kept = 0;  // rows keeping a column of this block
+      for (int i = 0; i < 16 && r0 + i < padded_rows; ++i) {
+        const int64_t r = r0 + i;
+        const int64_t t = r / group_rows;
+        if (s.tile_lo[t] >= s.tile_hi[t]) continue;
+        const int64_t score_lo = s.tile_lo[t] / 16 * 16;
+        const int64_t score_hi = (s.tile_hi[t] + 15) / 16 * 16;
+        const int64_t lo = std::max(s.lo[r] - block_start, int64_t(0));
+        const int64_t hi = std::min(s.hi[r] - block_start, int64_t(kKeyBlock));
+        if (lo >= hi) {  // nothing kept in this block: zero weights, state unchanged
+          for (int64_t c = score_lo; c < score_hi; c += 16) {
+            if constexpr (kMatrix) {
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.probs16 + r * kKeyBlock + c), _mm256_setzero_si256());
+            } else {
+              _mm512_storeu_ps(s.scores + r * kKeyBlock + c, _mm512_setzero_ps());
+            }
+          }
+          s.alpha[r] = 1.0f;
+          continue;
+        }
+        columns.lo[i] = lo;
+        columns.hi[i] = hi;
+        columns.score_lo[i] = score_lo;
+        columns.score_hi[i] = score_hi;
+        kept |= __mmask16(1u << i);
+      }
+      float* scores = s.scores + r0 * kKeyBlock;
+      __mmask16 done = 0;
+      if constexpr (kMatrix) {
+        if (p.score_scale > 0.0f && kept) {
+          const auto softmax = p.type == ElementType::kFloat16 ? softmax_rows_finite<WeightFormat::kFloat16>
+                               : p.bf16_instructions ? softmax_rows_finite<WeightFormat::kBFloat16Instruction>
+                                                     : softmax_rows_finite<WeightFormat::kBFloat16>;
+          done = softmax(scores, s.probs16 + r0 * kKeyBlock, kept, columns, p.score_scale, s.row_max + r0,
+                         s.row_sum + r0, s.alpha + r0);
+        }
+      } else if (kept) {
+        done = softmax_rows_finite<WeightFormat::kFloat32>(scores, scores, kept, columns, 1.0f, s.row_max + r0,
+                                                           s.row_sum + r0, s.alpha + r0);
+      }
+      for (int i = 0; i < 16; ++i) {
+        if (((kept & ~done) >> i) & 1) {
+          softmax_row(r0 + i, columns.lo[i], columns.hi[i], columns.score_lo[i], columns.score_hi[i]);
+        }
+      }
     }
     bool nonfinite_values = false;
     for (int64_t tile = block_start + block_lo; tile < block_start + block_hi; tile += 16) {
