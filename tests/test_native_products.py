@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from pfa_cases import problems
 from test_op_fast_path import TOLERANCE, _assert_matches_reference, _native_eligible
+from vllm_pfa.check_env import cpu_info
 from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention, native_kernel
 
 pytestmark = pytest.mark.skipif(not native_kernel.available(),
@@ -130,20 +131,13 @@ def test_auto_products_follow_the_cpu():
         extension.prefill_attention(q, q, q, q.clone(), [4], [4], [-4], [0], 1.0, "bf16")
 
 
-def _linux_cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="the CPU's flags as Linux reports them are needed")
 def test_products_route_follows_the_cpu_flags():
     """The kernel reads AVX512-BF16 and AMX-BF16 from CPUID itself; Linux's reading of the same bits decides which
     route each dtype takes: bf16 in the kernel's own tiles exactly where the CPU has AVX512-BF16 and no AMX-BF16,
     oneDNN's brgemm for the other 16-bit routes, "input_dtype_onednn" always brgemm, fp32 never 16-bit."""
     extension = native_kernel.extension()
-    flags = _linux_cpu_flags()
+    flags = cpu_info()["isa_flags"]
     bf16, fp16 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.float16)
     assert extension.products_route(torch.zeros(1)) == "fp32"
     assert extension.products_route(bf16, "input_dtype_emulated") == "emulated"

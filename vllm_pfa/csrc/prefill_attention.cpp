@@ -166,6 +166,14 @@ namespace kernel {
 
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
+// The lanes of columns [c, c + 16) that lie in [lo, hi).
+inline __mmask16 columns_within(int64_t c, int64_t lo, int64_t hi) {
+  const __m512i col = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                       _mm512_set1_epi32(static_cast<int>(c)));
+  return _mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(lo)), _MM_CMPINT_NLT) &
+         _mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(hi)), _MM_CMPINT_LT);
+}
+
 inline __m512 load16(const void* p, ElementType type, __mmask16 m) {
   switch (type) {
     case ElementType::kFloat32:
@@ -654,7 +662,6 @@ __mmask16 softmax_rows_finite(float* scores, Weight<kFormat>* probs, __mmask16 r
   _mm512_store_ps(shifts, new_max);
   // bf16 pairs (1, 1): with AVX512-BF16 one dot product adds a vector of rounded weights to the sum
   const __m512i ones = _mm512_set1_epi16(0x3F80);
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
 #pragma GCC unroll 1
   for (int i = 0; i < 16; ++i) {
     vsum[i] = zero;
@@ -690,16 +697,11 @@ __mmask16 softmax_rows_finite(float* scores, Weight<kFormat>* probs, __mmask16 r
         sum = _mm512_add_ps(sum, widen_half(_mm512_cvtepu16_epi32(narrow), false, type));
       }
     };
-    auto kept_columns = [&](int64_t c) {
-      const __m512i col = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(c)));
-      return __mmask16(_mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(lo)), _MM_CMPINT_NLT) &
-                       _mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(hi)), _MM_CMPINT_LT));
-    };
     const int64_t all_kept_lo = std::min((lo + 15) / 16 * 16, score_hi), all_kept_hi = hi / 16 * 16;
     int64_t c = columns.score_lo[i];
-    for (; c < all_kept_lo; c += 16) weights(c, kept_columns(c));
+    for (; c < all_kept_lo; c += 16) weights(c, columns_within(c, lo, hi));
     for (; c < all_kept_hi; c += 16) weights(c, __mmask16(0xFFFF));
-    for (; c < score_hi; c += 16) weights(c, kept_columns(c));
+    for (; c < score_hi; c += 16) weights(c, columns_within(c, lo, hi));
     vsum[i] = sum;
   }
   // alpha = exp2(old max - new max) by the fp32 path's polynomial (1e-8 relative), 0 while old max is -inf
@@ -792,7 +794,6 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
     acc_written = true;
   };
   const __m512 neg_inf = _mm512_set1_ps(-kInf);
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   // Rows are taken in groups that share a column range per key block: register tiles in fp32, chunks of positions
   // in 16 bits (a brgemm call each where the ranges differ).
   const int64_t chunk_positions =
@@ -898,11 +899,8 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       const __m512 shift = _mm512_set1_ps(new_max);
       __m512 vsum = _mm512_setzero_ps();
       for (int64_t c = score_lo; c < score_hi; c += 16) {
-        const __m512i col = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(c)));
-        const __mmask16 kept = _mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(lo)), _MM_CMPINT_NLT) &
-                               _mm512_cmp_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(hi)), _MM_CMPINT_LT);
-        __m512 e = _mm512_maskz_mov_ps(
-            kept, exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + c), shift), kExp2Float32));
+        __m512 e = _mm512_maskz_mov_ps(columns_within(c, lo, hi),
+                                       exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + c), shift), kExp2Float32));
         if constexpr (kMatrix) {  // the sum takes the weights P V uses: rounded to the input dtype
           const __m256i narrow = narrow16(e, p.type);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + c), narrow);
