@@ -80,7 +80,12 @@
 // by a check of the weights' sum (+0.1-0.7%); 2^x through VREDUCEPS and VSCALEFPS's floor, one instruction fewer
 // (0%); two sums in the second pass (0%); the output rows prefetched into L2 at the block's start (MHA D64 +1.1%, GQA
 // -0.6%, D128 +0.5%); the output written with streaming stores (MHA D64 +2.5%, GQA +0.5%, D128 +0.8%), which would
-// leave it in memory for the next layer's read instead of in L3, moving the cost rather than saving it.
+// leave it in memory for the next layer's read instead of in L3, moving the cost rather than saving it. Later, the
+// same way (8 rounds): a build without the first pass at all (wrong results) +2.3-2.7% at D64 S=512, the bound of
+// taking the row max in Q K^T's epilogue instead; one masked loop per row instead of three -2%; 2^x's rounding and
+// scaling by a magic-number add and an exponent add (more instructions, on the adders) instead of VRNDSCALEPS and
+// VSCALEFPS -1.5 to -3%; two vectors of weights rounded, stored and summed as one (VCVTNE2PS2BF16) +0.4-1%, noise.
+// The softmax is bound by its instruction count, as the products are by theirs.
 // Kept, measured the same way against oneDNN's brgemm (products "input_dtype_onednn"): the bf16 products in this file's
 // VDPBF16PS register tiles, in calls of 16 positions on a causal diagonal (48 with brgemm), acc's rescale folded into
 // the P V tiles. bf16 causal S=512: MHA D64 +4.4%, D128 +5.1%, GQA 32/8 D64 +3.7%, D128 +3.1%, 9/3 D64 (SmolLM2)
