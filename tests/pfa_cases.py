@@ -13,15 +13,24 @@ LAYOUTS = ("BSH", "BSND", "BNSD", "BNSD_BSND")
 
 
 @contextlib.contextmanager
-def counting_native_runs(calls: list | None = None):
-    """Yields a list that gets one entry per native kernel run inside the block (`calls` if given)."""
+def counting_native_runs(calls: list | None = None, products: str | None = None):
+    """Yields a list that gets one entry per native kernel run inside the block (`calls` if given); `products`, if
+    given, forces how those runs multiply (`native_kernel.run`'s argument: "fp32", "input_dtype_emulated", ...)."""
     calls = [] if calls is None else calls
     run = native_kernel.run
-    native_kernel.run = lambda *args, **kwargs: calls.append(1) or run(*args, **kwargs)
+    forced = {} if products is None else {"products": products}
+    native_kernel.run = lambda *args, **kwargs: calls.append(1) or run(*args, **kwargs, **forced)
     try:
         yield calls
     finally:
         native_kernel.run = run
+
+
+def has_matrix_instructions(dtype: torch.dtype) -> bool:
+    """Whether the native kernel multiplies `dtype` on this CPU's 16-bit matrix instructions (False where the kernel
+    is not available: this runs while tests are collected)."""
+    return native_kernel.available() and native_kernel.extension().products_for(torch.zeros(1, dtype=dtype)) == \
+        "input_dtype"
 
 
 @st.composite

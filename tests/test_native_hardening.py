@@ -12,7 +12,7 @@ import torch
 from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention, reference_npu_prompt_flash_attention
 from vllm_pfa.ops import native_kernel
 
-from pfa_cases import counting_native_runs
+from pfa_cases import counting_native_runs, has_matrix_instructions
 
 pytestmark = pytest.mark.skipif(not native_kernel.available(),
                                 reason="the native kernel needs an AVX-512 CPU and a built _C")
@@ -126,13 +126,8 @@ def _native_and_reference(q, k, v, heads=2, products="auto"):
     not "auto"), and the reference."""
     kwargs = dict(num_heads=heads, input_layout="BNSD", scale_value=1 / math.sqrt(q.shape[-1]), sparse_mode=3,
                   atten_mask=compressed_causal_mask())
-    run = native_kernel.run
-    native_kernel.run = lambda *args: run(*args, products=products)
-    try:
-        with counting_native_runs() as calls:
-            actual = npu_prompt_flash_attention(q, k, v, **kwargs)
-    finally:
-        native_kernel.run = run
+    with counting_native_runs(products=products) as calls:
+        actual = npu_prompt_flash_attention(q, k, v, **kwargs)
     assert calls, "the native kernel did not run"
     return actual, reference_npu_prompt_flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), **kwargs)
 
@@ -152,18 +147,13 @@ def _assert_same_non_finite(actual, expected, tol):
     torch.testing.assert_close(actual[finite].float(), expected[finite].float(), atol=tol, rtol=tol)
 
 
-def _has_bf16_matrix_instructions() -> bool:
-    return native_kernel.available() and native_kernel.extension().products_for(torch.zeros(1, dtype=torch.bfloat16)) \
-        == "input_dtype"
-
-
 # Each way the kernel forms weights: fp32 products; the 16-bit products on the instructions (bf16: the kernel's own
 # tiles or oneDNN's where the CPU has them) and emulated (bf16 and fp16 weights rounded by AVX-512F code).
 NON_FINITE_ROUTES = [
     pytest.param(torch.float32, "auto", 2e-5, id="fp32"),
     pytest.param(torch.bfloat16, "auto", 3e-2, id="bf16"),
     pytest.param(torch.bfloat16, "input_dtype_onednn", 3e-2, id="bf16_onednn",
-                 marks=pytest.mark.skipif(not _has_bf16_matrix_instructions(), reason="no bf16 matrix instructions")),
+                 marks=pytest.mark.skipif(not has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions")),
     pytest.param(torch.bfloat16, "input_dtype_emulated", 3e-2, id="bf16_emulated"),
     pytest.param(torch.float16, "input_dtype_emulated", 1e-2, id="fp16_emulated"),
 ]

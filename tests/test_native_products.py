@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pfa_cases import problems
+from pfa_cases import counting_native_runs, has_matrix_instructions, problems
 from test_op_fast_path import TOLERANCE, _assert_matches_reference, _native_eligible
 from vllm_pfa.check_env import cpu_info
 from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention, native_kernel
@@ -26,24 +26,17 @@ pytestmark = pytest.mark.skipif(not native_kernel.available(),
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
-def _has_matrix_instructions(dtype) -> bool:
-    return native_kernel.extension().products_for(torch.zeros(1, dtype=dtype)) == "input_dtype"
-
-
 # The products on the instructions, where the CPU has them: the implementation "input_dtype" picks, and oneDNN's
 # (each followed by the test's other parameters, if any).
 def _hardware_bf16_params(*more):
-    skip = pytest.mark.skipif(not _has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")
+    skip = pytest.mark.skipif(not has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions here")
     return [pytest.param("input_dtype", *more, marks=skip, id="hardware_bf16"),
             pytest.param("input_dtype_onednn", *more, marks=skip, id="hardware_bf16_onednn")]
 
 
-def _op_with_products(products, q, k, v, kwargs, monkeypatch):
-    calls = []
-    run = native_kernel.run
-    monkeypatch.setattr(native_kernel, "run", lambda *a: calls.append(1) or run(*a, products=products))
-    out = npu_prompt_flash_attention(q, k, v, **kwargs)
-    monkeypatch.setattr(native_kernel, "run", run)
+def _op_with_products(products, q, k, v, kwargs):
+    with counting_native_runs(products=products) as calls:
+        out = npu_prompt_flash_attention(q, k, v, **kwargs)
     assert calls, "the native kernel did not run"
     return out
 
@@ -61,8 +54,7 @@ def test_16bit_products_match_reference(products, dtypes, data):
     q, k, v, kwargs = data.draw(problems(dtypes=dtypes, head_dims=(16, 40, 64, 128), max_seq=300))
     if not _native_eligible(kwargs):
         return
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        actual = _op_with_products(products, q, k, v, kwargs, monkeypatch)
+    actual = _op_with_products(products, q, k, v, kwargs)
     _assert_matches_reference(q, k, v, kwargs, actual)
 
 
@@ -74,9 +66,8 @@ def test_emulation_agrees_with_the_instructions(products):
     q, k, v = (torch.randn(2, 700, 8, 128, generator=gen).bfloat16() for _ in range(3))
     kwargs = dict(num_heads=8, input_layout="BSND", scale_value=128 ** -0.5, sparse_mode=3,
                   atten_mask=compressed_causal_mask(), actual_seq_lengths=[700, 333])
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        hardware = _op_with_products(products, q, k, v, kwargs, monkeypatch)
-        emulated = _op_with_products("input_dtype_emulated", q, k, v, kwargs, monkeypatch)
+    hardware = _op_with_products(products, q, k, v, kwargs)
+    emulated = _op_with_products("input_dtype_emulated", q, k, v, kwargs)
     torch.testing.assert_close(hardware.float(), emulated.float(), atol=8e-3, rtol=8e-3)
 
 
@@ -90,8 +81,7 @@ def test_diagonal_chunks_match_reference(products, mode, extra):
     kwargs = dict(num_heads=4, input_layout="BSND", scale_value=64 ** -0.5, sparse_mode=mode,
                   atten_mask=compressed_causal_mask(), actual_seq_lengths=[600, 301],
                   actual_seq_lengths_kv=[600, 301], **extra)
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        actual = _op_with_products(products, q, k, v, kwargs, monkeypatch)
+    actual = _op_with_products(products, q, k, v, kwargs)
     _assert_matches_reference(q, k, v, kwargs, actual)
 
 
@@ -141,14 +131,14 @@ def test_products_route_follows_the_cpu_flags():
     bf16, fp16 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.float16)
     assert extension.products_route(torch.zeros(1)) == "fp32"
     assert extension.products_route(bf16, "input_dtype_emulated") == "emulated"
-    if _has_matrix_instructions(torch.bfloat16):
+    if has_matrix_instructions(torch.bfloat16):
         tiles = "avx512_bf16" in flags and "amx_bf16" not in flags
         assert extension.products_route(bf16) == extension.products_route(bf16, "input_dtype")
         assert extension.products_route(bf16) == ("bf16_tiles" if tiles else "onednn")
         assert extension.products_route(bf16, "input_dtype_onednn") == "onednn"
     else:
         assert extension.products_route(bf16) == "fp32"
-    assert extension.products_route(fp16) == ("onednn" if _has_matrix_instructions(torch.float16) else "fp32")
+    assert extension.products_route(fp16) == ("onednn" if has_matrix_instructions(torch.float16) else "fp32")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
