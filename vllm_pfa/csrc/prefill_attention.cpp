@@ -85,7 +85,13 @@
 // taking the row max in Q K^T's epilogue instead; one masked loop per row instead of three -2%; 2^x's rounding and
 // scaling by a magic-number add and an exponent add (more instructions, on the adders) instead of VRNDSCALEPS and
 // VSCALEFPS -1.5 to -3%; two vectors of weights rounded, stored and summed as one (VCVTNE2PS2BF16) +0.4-1%, noise.
-// The softmax is bound by its instruction count, as the products are by theirs.
+// Beside VDPBF16PS (a C loop of 24 of them plus other instructions, Zen 4), VMULPS, VFMADD231PS, VCMPPS, VPCMPD and
+// KMOVW each take one of its slots and a zmm store about one; adds, max, VRNDSCALEPS, VSCALEFPS, VPERMPS, integer and
+// shift operations, widening, blends and loads take none. Yet the softmax's second pass run inside P V's register
+// tiles (a step per 16 keys between their products, weights one step ahead of their use) was no faster even as an
+// upper bound without column masks (-0.1 to -2%), and with masks 1-7% slower; the sums by widened adds instead of
+// VDPBF16PS -0.5 to -2%; 2^x from a 16-entry table (VPERMPS) and a degree-2 fit, two product-unit slots instead of
+// four, -1.7 to +0.8% (noise). What bounds the second pass is not established; not the product units' slots.
 // Kept, measured the same way against oneDNN's brgemm (products "input_dtype_onednn"): the bf16 products in this file's
 // VDPBF16PS register tiles, in calls of 16 positions on a causal diagonal (48 with brgemm), acc's rescale folded into
 // the P V tiles. bf16 causal S=512: MHA D64 +4.4%, D128 +5.1%, GQA 32/8 D64 +3.7%, D128 +3.1%, 9/3 D64 (SmolLM2)
