@@ -5,6 +5,7 @@ with an SDPA reference and with CPU_ATTN: decoder layers causal and bidirectiona
 window, encoder-only layers, GQA (4 query heads over 2 kv heads), several block sizes.
 """
 
+import dataclasses
 import functools
 import math
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from vllm.config import CacheConfig, CompilationConfig, ModelConfig, VllmConfig, set_current_vllm_config
 from vllm.engine.arg_utils import EngineArgs
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadata
 from vllm.v1.kv_cache_interface import EncoderOnlyAttentionSpec, FullAttentionSpec
 
 from vllm_pfa.backend.pfa_attn import PFAAttentionBackend
@@ -228,6 +229,33 @@ def test_metadata_follows_cpu_attn_conventions():
         sum(spec[1]), max(spec[1]), max(spec[0]), True)
     assert metadata.num_existing_path_tokens == 2 and metadata.existing_path.num_actual_tokens == 2
     assert metadata.existing_path.slot_mapping.tolist() == common.slot_mapping[:2].tolist()
+
+
+@pytest.mark.parametrize("spec", [BATCH_SPECS["small_decode"], ([512, 300, 200, 77], [1, 1, 1, 1])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_only_step_is_cpu_attns_own(spec, dtype, monkeypatch):
+    """A step of decodes only: the existing path's metadata is CPU_ATTN's own for the whole batch, field for field,
+    and the layer makes one call of CPU_ATTN's forward with its own tensors (no slices, no profiler range around
+    it): the same output as CPU_ATTN's, bit for bit."""
+    calls = []
+    cpu_forward = CPUAttentionBackendImpl.forward
+
+    def recording(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        calls.append((query, output))
+        return cpu_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+
+    monkeypatch.setattr(CPUAttentionBackendImpl, "forward", recording)
+    output, batch, metadata = _run(PFAAttentionBackend, spec, block_size=32, dtype=dtype)
+    assert metadata.prefill is None and metadata.num_existing_path_tokens == sum(spec[1])
+    assert len(calls) == 1 and calls[0][0] is batch.query and calls[0][1] is output
+    cpu_output, _, cpu_metadata = _run(CPUAttentionBackend, spec, block_size=32, dtype=dtype)
+    for field in dataclasses.fields(cpu_metadata):
+        ours, theirs = getattr(metadata.existing_path, field.name), getattr(cpu_metadata, field.name)
+        if field.name == "scheduler_metadata":  # an opaque plan, with bytes two CPU_ATTN builds of a batch leave
+            assert (ours.shape, ours.dtype) == (theirs.shape, theirs.dtype)  # differently (uninitialized padding)
+        else:
+            assert torch.equal(ours, theirs) if isinstance(ours, torch.Tensor) else ours == theirs, field.name
+    assert torch.equal(output, cpu_output)
 
 
 def test_encoder_only_context_is_refused():

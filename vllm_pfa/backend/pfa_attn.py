@@ -143,11 +143,12 @@ class PFAMetadataBuilder(CPUAttentionMetadataBuilder):
         else:
             num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = split_decodes_and_prefills(
                 cm, decode_threshold=self.reorder_batch_threshold)
-        query_start = cm.query_start_loc_cpu.tolist()
-        # Host copies only: on CPU seq_lens is host memory; elsewhere vLLM's host upper bound is exact for prefills.
-        seq_lens_host = (cm.seq_lens if cm.seq_lens.device.type == "cpu" else cm.seq_lens_cpu_upper_bound).tolist()
         prefill = None
         if num_prefills:
+            query_start = cm.query_start_loc_cpu.tolist()
+            # Host copies only: on CPU seq_lens is host memory; elsewhere vLLM's host upper bound is exact for
+            # prefills.
+            seq_lens_host = (cm.seq_lens if cm.seq_lens.device.type == "cpu" else cm.seq_lens_cpu_upper_bound).tolist()
             prefill = plan_prefill(
                 first=num_decodes, num_reqs=cm.num_reqs, token_start=num_decode_tokens, query_start=query_start,
                 seq_lens_host=seq_lens_host, device=self.device, block_table=cm.block_table_tensor,
@@ -159,7 +160,9 @@ class PFAMetadataBuilder(CPUAttentionMetadataBuilder):
                 STATS.existing_path_prefill_tokens += num_prefill_tokens
                 num_decodes, num_decode_tokens, prefill = cm.num_reqs, cm.num_actual_tokens, None
         existing_path = None
-        if num_decodes:
+        if num_decodes == cm.num_reqs:  # the whole batch (a decode-only step): CPU_ATTN's own metadata of it
+            existing_path = super().build(common_prefix_len, cm, fast_build)
+        elif num_decodes:  # the decodes ahead of this step's prefills
             existing_path = super().build(
                 common_prefix_len, _leading_requests(cm, num_decodes, num_decode_tokens, seq_lens_host), fast_build)
         STATS.log_step(num_decode_tokens, 0 if prefill is None else prefill.num_tokens)
@@ -197,6 +200,9 @@ class PFAAttentionImpl(CPUAttentionBackendImpl):
         if attn_metadata is None:  # profiling / warm-up run
             return output
         split = attn_metadata.num_existing_path_tokens
+        if attn_metadata.prefill is None:  # a decode-only step: CPU_ATTN's forward as it is, nothing around it
+            STATS.decode_tokens += split
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata.existing_path, output)
         if attn_metadata.existing_path is not None:
             with record_function("pfa_backend.existing_path"):  # CPU_ATTN's decoder path reads K/V from the cache
                 super().forward(layer, query[:split], leading_rows(key, split), leading_rows(value, split),

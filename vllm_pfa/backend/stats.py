@@ -1,5 +1,6 @@
 """Per-process counters of the PFA backend: what went through PFA and what through the existing path."""
 
+import logging
 from dataclasses import asdict, dataclass
 
 from vllm_pfa.log import init_logger
@@ -23,8 +24,9 @@ class PFAStats:
             setattr(self, name, 0)
 
     def log_step(self, num_decode_tokens: int, num_prefill_tokens: int) -> None:
-        logger.debug("PFA step: %d decode tokens, %d prefill tokens; totals %s",
-                     num_decode_tokens, num_prefill_tokens, self.snapshot())
+        if logger.isEnabledFor(logging.DEBUG):  # the totals' snapshot costs more than a decode step's planning
+            logger.debug("PFA step: %d decode tokens, %d prefill tokens; totals %s",
+                         num_decode_tokens, num_prefill_tokens, self.snapshot())
 
 
 STATS = PFAStats()
