@@ -160,7 +160,7 @@ class PFAMetadataBuilder(CPUAttentionMetadataBuilder):
                 STATS.existing_path_prefill_tokens += num_prefill_tokens
                 num_decodes, num_decode_tokens, prefill = cm.num_reqs, cm.num_actual_tokens, None
         existing_path = None
-        if num_decodes == cm.num_reqs:  # the whole batch (a decode-only step): CPU_ATTN's own metadata of it
+        if num_decodes and num_decodes == cm.num_reqs:  # a decode-only step: CPU_ATTN's own metadata of the batch
             existing_path = super().build(common_prefix_len, cm, fast_build)
         elif num_decodes:  # the decodes ahead of this step's prefills
             existing_path = super().build(
