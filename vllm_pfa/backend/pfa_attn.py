@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
-from torch.profiler import record_function
 
 from vllm.config import VllmConfig, get_layers_from_vllm_config
 from vllm.model_executor.layers.attention import Attention
@@ -28,6 +27,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec
+from vllm.v1.utils import record_function_or_nullcontext
 
 from vllm_pfa.backend.prefill import (
     PFAPrefillPlan,
@@ -204,7 +204,8 @@ class PFAAttentionImpl(CPUAttentionBackendImpl):
             STATS.decode_tokens += split
             return super().forward(layer, query, key, value, kv_cache, attn_metadata.existing_path, output)
         if attn_metadata.existing_path is not None:
-            with record_function("pfa_backend.existing_path"):  # CPU_ATTN's decoder path reads K/V from the cache
+            # CPU_ATTN's decoder path reads K/V from the cache
+            with record_function_or_nullcontext("pfa_backend.existing_path"):
                 super().forward(layer, query[:split], leading_rows(key, split), leading_rows(value, split),
                                 kv_cache, attn_metadata.existing_path, output[:split])
             STATS.decode_tokens += split
