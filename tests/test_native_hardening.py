@@ -153,7 +153,8 @@ NON_FINITE_ROUTES = [
     pytest.param(torch.float32, "auto", 2e-5, id="fp32"),
     pytest.param(torch.bfloat16, "auto", 3e-2, id="bf16"),
     pytest.param(torch.bfloat16, "input_dtype_onednn", 3e-2, id="bf16_onednn",
-                 marks=pytest.mark.skipif(not has_matrix_instructions(torch.bfloat16), reason="no bf16 matrix instructions")),
+                 marks=pytest.mark.skipif(not has_matrix_instructions(torch.bfloat16),
+                                          reason="no bf16 matrix instructions")),
     pytest.param(torch.bfloat16, "input_dtype_emulated", 3e-2, id="bf16_emulated"),
     pytest.param(torch.float16, "input_dtype_emulated", 1e-2, id="fp16_emulated"),
 ]

@@ -160,11 +160,10 @@ class PFAMetadataBuilder(CPUAttentionMetadataBuilder):
                 STATS.existing_path_prefill_tokens += num_prefill_tokens
                 num_decodes, num_decode_tokens, prefill = cm.num_reqs, cm.num_actual_tokens, None
         existing_path = None
-        if num_decodes and num_decodes == cm.num_reqs:  # a decode-only step: CPU_ATTN's own metadata of the batch
-            existing_path = super().build(common_prefix_len, cm, fast_build)
-        elif num_decodes:  # the decodes ahead of this step's prefills
-            existing_path = super().build(
-                common_prefix_len, _leading_requests(cm, num_decodes, num_decode_tokens, seq_lens_host), fast_build)
+        if num_decodes:  # the whole batch (decodes only, or prefills rerouted above) as it is, else its leading part
+            leading = cm if num_decodes == cm.num_reqs else _leading_requests(cm, num_decodes, num_decode_tokens,
+                                                                              seq_lens_host)
+            existing_path = super().build(common_prefix_len, leading, fast_build)
         STATS.log_step(num_decode_tokens, 0 if prefill is None else prefill.num_tokens)
         return PFAMetadata(
             num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len, query_start_loc=cm.query_start_loc,
@@ -200,7 +199,7 @@ class PFAAttentionImpl(CPUAttentionBackendImpl):
         if attn_metadata is None:  # profiling / warm-up run
             return output
         split = attn_metadata.num_existing_path_tokens
-        if attn_metadata.prefill is None:  # a decode-only step: CPU_ATTN's forward as it is, nothing around it
+        if attn_metadata.prefill is None:  # the whole step on CPU_ATTN: its forward as it is, nothing around it
             STATS.decode_tokens += split
             return super().forward(layer, query, key, value, kv_cache, attn_metadata.existing_path, output)
         if attn_metadata.existing_path is not None:
