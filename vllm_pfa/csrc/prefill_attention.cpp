@@ -92,6 +92,20 @@
 // upper bound without column masks (-0.1 to -2%), and with masks 1-7% slower; the sums by widened adds instead of
 // VDPBF16PS -0.5 to -2%; 2^x from a 16-entry table (VPERMPS) and a degree-2 fit, two product-unit slots instead of
 // four, -1.7 to +0.8% (noise). What bounds the second pass is not established; not the product units' slots.
+// Later, as in-process A/Bs (a run-time switch, the variants alternating per call on fresh inputs with a 4 MiB write
+// between calls, 20-30 calls each; bf16 causal S=512: MHA 32/32 D64, GQA 32/8 D64, 9/3 D64, MHA D128): the second pass
+// alone (a C loop over L2-resident scores) takes 6.3 TSC cycles per 16 weights (~8.7 core cycles at 3.6 GHz) for ~13
+// vector instructions, 6 of them on the multiply units; softmax_rows_finite as a whole 8.4 per 16 kept weights on a
+// full block, 9.9 on a causal diagonal block. Not kept: a causal diagonal block as one product of all its rows over the
+// columns every group reads plus each group's own triangle (whole 6-row tiles instead of 6-6-4; the same bits): -0.6 to
+// +0.4%; the first pass taken in Q K^T's register tiles as they store the scores (the same bits): -1.1 to +0.4%, where
+// skipping the first pass bounds the gain at +2.2-3.2%; MHA's kv heads packed and attended 2 or 4 at a time (each
+// token's rows read in one run): D64 -1 to -4%. Non-temporal output stores (rows of whole lines): +1.5 to +4.6% in the
+// kernel, but +0.4 / 0.0 / -0.3% timed with a product reading the output after it (as o_proj does): the read they skip
+// moves to the reader. Without any output stores the kernel ran 4-14% faster: each output line is read before it is
+// written, from memory where it is cold (as after a layer's weights streamed through the cache); the operator, its
+// output fresh memory on every call, ran ~6% slower than the backend's call into a warm output (MHA D64 S=512: 3.88 vs
+// 3.65 ms). Packing K/V alone: MHA D64 S=512 0.31 of 4.0 ms, GQA 32/8 0.11 of 3.55 ms; a second, warm one +1-3.6%.
 // Kept, measured the same way against oneDNN's brgemm (products "input_dtype_onednn"): the bf16 products in this file's
 // VDPBF16PS register tiles, in calls of 16 positions on a causal diagonal (48 with brgemm), acc's rescale folded into
 // the P V tiles. bf16 causal S=512: MHA D64 +4.4%, D128 +5.1%, GQA 32/8 D64 +3.7%, D128 +3.1%, 9/3 D64 (SmolLM2)
@@ -223,6 +237,12 @@ inline void store16(void* p, ElementType type, __m512 x, __mmask16 m) {
 // binary); asm volatile stays where it is written.
 inline void prefetch_row(const char* row, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += 64) __asm__ volatile("prefetcht1 %0" : : "m"(row[offset]));
+}
+
+// One PREFETCHW (into L1, the line owned for writing) per 64-byte line of [row, row + bytes); every AVX-512 CPU has
+// the instruction. In volatile asm, as prefetch_row.
+inline void prefetch_for_write(const char* row, int64_t bytes) {
+  for (int64_t offset = 0; offset < bytes; offset += 64) __asm__ volatile("prefetchw %0" : : "m"(row[offset]));
 }
 
 inline int64_t element_bytes(ElementType type) { return type == ElementType::kFloat32 ? 4 : 2; }
@@ -1002,12 +1022,27 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   }
   if (kMatrix && p.products == Products::kInputTypeOneDNN) at::native::cpublas::brgemm_release();
   if (!acc_written) zero_acc();  // no key block: every row is empty
-  for (int64_t r = 0; r < rows; ++r) {
+  auto out_row = [&](int64_t r) {
     const int64_t pos = first + r / group;
     const int64_t head = kv_head * group + r % group;
     const int64_t out_pos = p.out_starts ? p.out_starts[batch] + pos : pos;
     const int64_t out_batch = p.out_starts ? 0 : batch;
-    const char* orow = at_element(p.out, p.type, out_batch * p.os.batch + head * p.os.head + out_pos * p.os.seq);
+    return at_element(p.out, p.type, out_batch * p.os.batch + head * p.os.head + out_pos * p.os.seq);
+  };
+  // Output rows sit a token apart (a page apart at 32 heads x D64 16-bit): a store first reads its line (from memory
+  // where the output is cold, as after a layer's weights streamed through the cache), and a store waiting on its line
+  // holds back the stores behind it. Asking for the lines kOutputRowsAhead rows ahead overlaps those reads; further
+  // ahead, page-apart rows would outnumber the 8 ways of the L1 sets they share. In-process A/Bs (see the header),
+  // Zen 4, causal S=512, five runs (one into a warm output; medians): bf16 MHA D64 -0.2 to +4.0% (+1.5%), GQA 32/8
+  // D64 -0.4 to +2.2% (+1.7%), 9/3 D64 -0.6 to +4.1% (+0.8%), MHA D128 -0.6 to +1.5% (+0.1%); fp16 +0.3-1%; S=2048
+  // 0%: a small gain, in this machine's noise run by run. (Skipping the read with non-temporal stores moves it to the
+  // layer that reads the output next; see the header.)
+  constexpr int64_t kOutputRowsAhead = 6;
+  const int64_t out_bytes = p.head_dim * element_bytes(p.type);
+  for (int64_t r = 0; r < std::min(kOutputRowsAhead, rows); ++r) prefetch_for_write(out_row(r), out_bytes);
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* orow = out_row(r);
+    if (r + kOutputRowsAhead < rows) prefetch_for_write(out_row(r + kOutputRowsAhead), out_bytes);
     float inv = s.row_sum[r] > 0.0f ? 1.0f / s.row_sum[r] : 0.0f;  // rows with no kept key are 0
     // NaN or +inf among a row's kept scores, or all of them -inf: NaN, as in the reference's softmax.
     if (s.lo[r] < s.hi[r] && !(s.row_max[r] > -kInf)) inv = std::numeric_limits<float>::quiet_NaN();
