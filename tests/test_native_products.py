@@ -51,7 +51,7 @@ def test_16bit_products_match_reference(products, dtypes, data):
     """The 16-bit path (VNNI packing, block-wide products, P rounded to the input dtype), emulated with AVX-512F on
     every AVX-512 CPU (P rounded by AVX-512F code) and on the instructions where the CPU has them (P rounded by
     AVX512-BF16's conversion), within the reference tests' tolerances."""
-    q, k, v, kwargs = data.draw(problems(dtypes=dtypes, head_dims=(16, 40, 64, 128), max_seq=300))
+    q, k, v, kwargs = data.draw(problems(dtypes=dtypes, head_dims=(16, 40, 64, 128), max_seq=600))
     if not _native_eligible(kwargs):
         return
     actual = _op_with_products(products, q, k, v, kwargs)

@@ -61,9 +61,9 @@ def cases(draw, native: bool = False, non_finite: bool | None = None):
     spec = dict(seed=r.randrange(2**16), dtype=dtype, layout=pick(*LAYOUTS), batch=pick(1, 1, 2, 3))
     spec["kv_heads"] = r.randint(1, 3)
     spec["heads"] = spec["kv_heads"] * pick(1, 1, 2, 4)
-    long = native and chance(0.2)  # across the native kernel's key blocks (256) and query blocks
+    long = native and chance(0.2)  # across the native kernel's key blocks (512) and query blocks
     spec["dim"] = pick(1, 2, 3, 8, 16, 24, 32, 40, 64, 72, 128) if long or chance(0.9) else pick(256, 512)
-    spec["q_seq"], spec["kv_seq"] = r.randint(1, 300 if long else 24), r.randint(1, 300 if long else 24)
+    spec["q_seq"], spec["kv_seq"] = r.randint(1, 600 if long else 24), r.randint(1, 600 if long else 24)
     if chance(0.08):  # zero-size axes: an empty query gives an empty output, no keys give zeros
         spec[pick("kv_seq") if native else pick("batch", "q_seq", "kv_seq", "dim")] = 0
     spec["mode"] = pick(0, 2, 3, 4) if native else pick(0, 0, 1, 2, 3, 3, 4)
