@@ -151,8 +151,9 @@ enum class Products : int { kFloat32, kInputTypeOneDNN, kInputTypeTiles, kInputT
 
 constexpr int kRowTile = 6;           // register tile rows
 constexpr int kColVectors = 4;        // register tile width in 16-float vectors (64 columns)
-// Keys per block (a multiple of 16). In-process A/B of builds (3 runs, bf16 causal, Zen 4): 512 against 256 +0.8 to
-// +2.6% (MHA/GQA D64 and D128, S=512-4096; fp16 +0.3%), 384 and 768 between, 1024 -0.8 to +1.6%.
+// Keys per block (a multiple of 16). In-process A/Bs of builds (benchmarks/ab_builds.py; six runs, bf16 causal, Zen 4):
+// 512 against 256 +1-2% at S >= 1024, about +1% at S=512 (within noise where a control build ran); fp16 +0.3%; 384
+// and 768 between, 1024 -0.8 to +1.6%.
 constexpr int kKeyBlock = 512;
 constexpr int kRowsPerQueryBlock = 96;  // packed (position, group head) rows per work item
 // 16-bit products: positions per call where rows keep different keys (a block on a causal diagonal); oneDNN's
