@@ -6,11 +6,12 @@ of `vllm_pfa._C`: the second shares the first one's symbols. So each build here 
 name and C++ namespace) compiled from a copy of `vllm_pfa/csrc` with one edit of `prefill_attention.cpp`; the
 baseline is the copy without an edit, and `--control` adds a second, unedited copy whose ratio shows the noise.
 
-    python benchmarks/ab_builds.py --variant kb512 'kKeyBlock = 256;' 'kKeyBlock = 512;' --control
+    python benchmarks/ab_builds.py --variant kb256 'kKeyBlock = 512;' 'kKeyBlock = 256;' --control
     python benchmarks/ab_builds.py --variant NAME PATTERN REPLACEMENT [--variant ...] [--shapes 32,32,64,512,bf16 ...]
 
 PATTERN is a regular expression that must match the source (else the variant would time the baseline again).
-Every build's output is checked against the baseline's on each shape (the same bits, or within 2e-2), so a variant that computes something else fails instead of being timed. JSON and PNG go to --out.
+Every build's output is checked against the baseline's on each shape (the same bits, or within 2e-2), so a variant
+that computes something else fails instead of being timed. JSON and PNG go to --out.
 """
 
 import argparse
@@ -27,14 +28,14 @@ from pathlib import Path
 import torch
 from torch.utils.cpp_extension import load
 
-from plotting import cpu_info, grouped_bars
+from plotting import causal_flops, cpu_info, grouped_bars
 
 CSRC = Path(__file__).resolve().parent.parent / "vllm_pfa" / "csrc"
 KERNEL_SOURCE = "prefill_attention.cpp"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_SHAPES = ["32,32,64,512,bf16", "32,8,64,512,bf16", "9,3,64,512,bf16", "32,32,128,512,bf16",
                   "32,32,64,1024,bf16", "32,8,128,2048,bf16"]
-# outputs are convex combinations of N(0, 1) values rows; a build computing something else differs by ~0.1-1
+# outputs are convex combinations of N(0, 1) value rows; a build computing something else differs by ~0.1-1
 AGREEMENT_ATOL = 2e-2
 FLUSH_BYTES = 4 << 20  # written between calls: the next call finds its inputs in L3 as a layer's producer leaves them
 
@@ -82,7 +83,8 @@ def compare(shape: dict, modules: dict, rounds: int, flush: torch.Tensor) -> dic
     """Median GFLOP/s of each build and the median of its paired time ratios against the first (the baseline)."""
     heads, kv_heads, dim, seq = (shape[k] for k in ("heads", "kv_heads", "dim", "seq"))
     dtype = DTYPES[shape["dtype"]]
-    flops = 4.0 * heads * dim * (seq * (seq + 1) // 2)
+    flops = causal_flops(heads, dim, [seq], [seq])
+    bits = torch.int32 if dtype == torch.float32 else torch.int16  # the outputs compared as raw bits
     names = list(modules)
     times = {name: [] for name in names}
     agreement = {}
@@ -100,8 +102,7 @@ def compare(shape: dict, modules: dict, rounds: int, flush: torch.Tensor) -> dic
         if i == 0:
             base = outs[names[0]]
             for name in names[1:]:
-                same = torch.equal(base.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                                   outs[name].view(torch.int16 if dtype != torch.float32 else torch.int32))
+                same = torch.equal(base.view(bits), outs[name].view(bits))
                 diff = float((base.float() - outs[name].float()).abs().max())
                 if not same and diff > AGREEMENT_ATOL:
                     raise SystemExit(f"{name} differs from {names[0]} by {diff} on {shape_label(shape)}")

@@ -24,18 +24,12 @@ from vllm import _custom_ops as ops
 from vllm import envs
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from plotting import cpu_info, grouped_bars
+from plotting import causal_flops, cpu_info, grouped_bars
 from vllm_pfa.ops import compressed_causal_mask, native_kernel, npu_prompt_flash_attention
 from vllm_pfa.ops import reference_npu_prompt_flash_attention
 
 ANCHOR_BLOCK_SIZE = 128
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def causal_flops(heads: int, head_dim: int, q_lens: list[int], kv_lens: list[int]) -> float:
-    """QK^T and PV over the kept (bottom-right causal) pairs: 4 * N * D per pair."""
-    pairs = sum(aq * akv - aq * (aq - 1) // 2 for aq, akv in zip(q_lens, kv_lens))
-    return 4.0 * heads * head_dim * pairs
 
 
 def timeit_interleaved(calls: dict, min_rounds: int = 3, min_seconds: float = 3.0, max_rounds: int = 20) -> dict:

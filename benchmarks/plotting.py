@@ -1,9 +1,16 @@
-"""What the benchmarks share: the grouped bar chart they write as PNG, and the CPU they ran on (the package's own
-probe, which `python -m vllm_pfa.check` reports too)."""
+"""What the benchmarks share: the grouped bar chart they write as PNG, the CPU they ran on (the package's own
+probe, which `python -m vllm_pfa.check` reports too), and the FLOPs of a causal prefill."""
 
 from pathlib import Path
 
 from vllm_pfa.check_env import cpu_info  # noqa: F401  (re-exported for the benchmarks)
+
+
+def causal_flops(heads: int, head_dim: int, q_lens: list[int], kv_lens: list[int]) -> float:
+    """QK^T and PV over the kept (bottom-right causal) pairs: 4 * N * D per pair."""
+    pairs = sum(aq * akv - aq * (aq - 1) // 2 for aq, akv in zip(q_lens, kv_lens))
+    return 4.0 * heads * head_dim * pairs
+
 
 def grouped_bars(path: Path, labels: list[str], series: dict[str, list[float]], *, ylabel: str, title: str,
                  figsize: tuple[float, float], label_rotation: int = 0,
