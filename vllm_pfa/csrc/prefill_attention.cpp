@@ -26,97 +26,15 @@
 // Only the kernel section is compiled for AVX-512 (GCC target pragma); the binding checks the CPU at run time
 // and Python routes elsewhere when it is missing, so the module loads on any x86-64.
 //
-// Where the time goes (perf cpu-clock samples of the kernel's code and oneDNN's JIT products, 2 threads, bf16
-// causal, idle machine). AMD EPYC Zen 4 (AVX512-BF16, no AMX; torch.matmul bf16 ~420 GFLOP/s): N32/32 D64 S=512
-// products 59%, softmax 16%, attend_block's own work (loading Q, rescaling acc, writing out) 11%, packing K/V 10%,
-// brgemm dispatch 2%, threading 2%; N32/32 D128 S=512 products 70%, softmax 10%, attend_block 9%, packing 8%;
-// N32/8 D128 S=2048 products 82%, softmax 10%. The products run near the GEMM rate, so the share of that rate a
-// shape reaches is set by the work beside them: the softmax (per score, so twice the products' weight at D=64),
-// the packing (per key and kv head, against products per key that grow with S: short sequences, and MHA, which
-// packs once per query head), the per-block bookkeeping. bench_op.py there: 84-91% of the GEMM rate at D=128,
-// S >= 2048; 60-70% at D=64 or S=512 (MHA). With the register tiles and the L2 prefetches (below), N32/32 D64 S=512:
-// the products 72% of the kernel's samples, the softmax 16.5%, attend_block's own work 7% (a third of it the output
-// rows' stores, 4 KiB apart), packing 4%; bench_op.py: 57-71% at S=512 (alternating; 62-78% back to back), 83-91%
-// at D=128, S >= 1024.
-// Upper bounds there, from builds that skip one phase (wrong results; each build in its own process, 3 rounds):
-// without the K/V conversion (stale copies) MHA D128 S=512 ran 13-15% faster; without the softmax 11% (D128
-// S=512) and 21-23% (D64 S=1024, MHA and GQA); without loading Q and writing the output 12% (D128 S=512). A
-// second, warm conversion of the same unit costs 2-5%, so the first one waits on memory (cold K/V rows a token
-// apart). Tried and not kept (5 rounds, medians): converting the next unit's K/V while attending the current one
-// (a tile between softmax rows, its rows prefetched two tiles ahead, two copies in L2): +0.4-2.8%; prefetching the
-// output rows for writing: +3% at D64 S=512 only. Kept: prefetching K/V rows two tiles ahead in the conversion (read
-// as noise between processes; measured in one process later, below); the query rows read in place by the products
-// instead of copied first (5 rounds, medians): MHA S=512 D64 +7.6%, D128 +5.6%; S=1024 +1%; GQA (a call per query
-// head) S=512 +2%. One build's rate on one shape varies between processes: MHA D64 S=512 read 203-280 GFLOP/s, so
-// compare medians of several alternating runs (here also over fresh input allocations within each run).
-// The fp32 products (fp16 inputs there: no AMX-FP16), N32/32 D64 S=512: attend_block (the FMA tiles, most of it)
-// 80% of the kernel's samples, converting K/V 11%, the softmax 9% (after its fast step, which gained 12% there).
-// Tried and not kept: P V reading the input's V rows in place (converted as they are loaded) instead of from the
-// fp32 copy: -4% to -6% (rows a token apart, missed by the hardware prefetcher, against a copy in L2).
-// Also tried and not kept, as in-process A/Bs (a run-time switch, the variants' calls alternating in one process with
-// a 64 MB write between calls, 30 calls each; Zen 4, bf16 causal, S=512-2048): prefetching the next unit's K, V and
-// Q rows (each thread claiming its next unit ahead) a few lines per softmax row while attending the current unit:
-// -0.5% to -3%; two accumulators in the softmax's max and sum loops: 0 to +0.7%; one FMA for x * s - max * s where
-// |max * s| < 2^8 (its weights then round differently from the general path's in rare cases): 0 to +1.3%. A
-// cross-process A/B of the prefetch had read +3% to +12%: between processes this machine's spread exceeds such effects.
-// Kept, measured that way: the conversion prefetches K/V rows two 16-key tiles ahead, into L2 (PREFETCHT1). The rows
-// are a token apart, 4 KiB at 32 heads x D64 16-bit, which the hardware prefetchers do not follow, and which all map
-// to the same L1 sets: PREFETCHT0's lines are evicted there before they are read (head-major inputs measured up to
-// 16% faster than these token-major ones). An earlier version prefetched with _mm_prefetch(T0) in a helper GCC found
-// free of side effects, and deleted its calls: the A/B that kept it ran a build where a run-time switch kept them.
-// Against no prefetch (that version's binary), same inputs for both variants, fresh at each of 12-24 iterations:
-// PREFETCHT1 bf16 S=512 MHA D64 +11%, D128 +7%, GQA 32/8 +1-2%, S=1024 MHA D64 +7%, S=2048 GQA D128 0%; fp16 S=512 MHA
-// D64 +11-12%, D128 +7%; q, k and v as slices of one fused projection (vLLM's layout) the same; PREFETCHT0 only
-// +2.5% (MHA D64 S=512); 16 to 128 keys ahead within 1%.
-// Tried with the register tiles and not kept (the same method, fresh inputs per iteration): one group of rows at a
-// time through Q K^T, the softmax and P V, its scores hot in L1: -1.3% to +0.3%; the output rows prefetched (L2, or
-// PREFETCHW) at the block's start or before its last key block: -4% to +1%; 48, 64, 128 or 192 rows per query block
-// instead of 96: within +-1% (192: -4% at MHA D64 S=512).
-// Upper bounds with the register tiles, bf16 MHA D64 S=512, from builds that skip one phase (each build in its own
-// process, alternating, 6-12 rounds of 8 fresh calls; builds loaded into one process share the first one's code):
-// without the softmax +20%, without the output stores +5-7% (a reused, written output too: the stores wait for their
-// lines, rows a page apart), without Q K^T +54%, without P V +50%. Kept, measured that way: the softmax's reductions,
-// alpha and row state 16 rows at a time (softmax_rows_finite). Tried and not kept: the first pass's score sum replaced
-// by a check of the weights' sum (+0.1-0.7%); 2^x through VREDUCEPS and VSCALEFPS's floor, one instruction fewer
-// (0%); two sums in the second pass (0%); the output rows prefetched into L2 at the block's start (MHA D64 +1.1%, GQA
-// -0.6%, D128 +0.5%); the output written with streaming stores (MHA D64 +2.5%, GQA +0.5%, D128 +0.8%), which would
-// leave it in memory for the next layer's read instead of in L3, moving the cost rather than saving it. Later, the
-// same way (8 rounds): a build without the first pass at all (wrong results) +2.3-2.7% at D64 S=512, the bound of
-// taking the row max in Q K^T's epilogue instead; one masked loop per row instead of three -2%; 2^x's rounding and
-// scaling by a magic-number add and an exponent add (more instructions, on the adders) instead of VRNDSCALEPS and
-// VSCALEFPS -1.5 to -3%; two vectors of weights rounded, stored and summed as one (VCVTNE2PS2BF16) +0.4-1%, noise.
-// Beside VDPBF16PS (a C loop of 24 of them plus other instructions, Zen 4), VMULPS, VFMADD231PS, VCMPPS, VPCMPD and
-// KMOVW each take one of its slots and a zmm store about one; adds, max, VRNDSCALEPS, VSCALEFPS, VPERMPS, integer and
-// shift operations, widening, blends and loads take none. Yet the softmax's second pass run inside P V's register
-// tiles (a step per 16 keys between their products, weights one step ahead of their use) was no faster even as an
-// upper bound without column masks (-0.1 to -2%), and with masks 1-7% slower; the sums by widened adds instead of
-// VDPBF16PS -0.5 to -2%; 2^x from a 16-entry table (VPERMPS) and a degree-2 fit, two product-unit slots instead of
-// four, -1.7 to +0.8% (noise). What bounds the second pass is not established; not the product units' slots.
-// Later, as in-process A/Bs (a run-time switch, the variants alternating per call on fresh inputs with a 4 MiB write
-// between calls, 20-30 calls each; bf16 causal S=512: MHA 32/32 D64, GQA 32/8 D64, 9/3 D64, MHA D128): the second pass
-// alone (a C loop over L2-resident scores) takes 6.3 TSC cycles per 16 weights (~8.7 core cycles at 3.6 GHz) for ~13
-// vector instructions, 6 of them on the multiply units; softmax_rows_finite as a whole 8.4 per 16 kept weights on a
-// full block, 9.9 on a causal diagonal block. Not kept: a causal diagonal block as one product of all its rows over the
-// columns every group reads plus each group's own triangle (whole 6-row tiles instead of 6-6-4; the same bits): -0.6 to
-// +0.4%; the first pass taken in Q K^T's register tiles as they store the scores (the same bits): -1.1 to +0.4%, where
-// skipping the first pass bounds the gain at +2.2-3.2%; MHA's kv heads packed and attended 2 or 4 at a time (each
-// token's rows read in one run): D64 -1 to -4%. Non-temporal output stores (rows of whole lines): +1.5 to +4.6% in the
-// kernel, but +0.4 / 0.0 / -0.3% timed with a product reading the output after it (as o_proj does): the read they skip
-// moves to the reader. Without any output stores the kernel ran 4-14% faster: each output line is read before it is
-// written, from memory where it is cold (as after a layer's weights streamed through the cache); the operator, its
-// output fresh memory on every call, ran ~6% slower than the backend's call into a warm output (MHA D64 S=512: 3.88 vs
-// 3.65 ms). Packing K/V alone: MHA D64 S=512 0.31 of 4.0 ms, GQA 32/8 0.11 of 3.55 ms; a second, warm one +1-3.6%.
-// Kept, measured the same way against oneDNN's brgemm (products "input_dtype_onednn"): the bf16 products in this file's
-// VDPBF16PS register tiles, in calls of 16 positions on a causal diagonal (48 with brgemm), acc's rescale folded into
-// the P V tiles. bf16 causal S=512: MHA D64 +4.4%, D128 +5.1%, GQA 32/8 D64 +3.7%, D128 +3.1%, 9/3 D64 (SmolLM2)
-// +3.5%; S=1024 MHA D64 +2.9%; S >= 2048 +0.5-1%; non-causal equal (the tiles alone run at oneDNN's rate).
-// On AMX (Sapphire Rapids class, N32/8 D128 S=2048) the products are several times faster and the rest dominates:
-// the online softmax and its bookkeeping ~51%, the products ~34%, PyTorch's brgemm dispatch (a kernel-cache lookup
-// per call) ~8%, packing ~2%; 30-43% of the bf16 GEMM rate, 0.53-0.80x vLLM's AMX kernel. The softmax step now
-// has about a third fewer instructions than in that profile; its effect on AMX is unmeasured (the A/B then loaded
-// both builds into one process, which runs the first build twice). Beyond that, what is left to try there is
-// structural: the products and the softmax interleaved in one AMX tile loop (a brgemm call per block runs them one
-// after the other), fewer, larger calls.
+// Where the time goes (perf samples; AMD EPYC Zen 4, AVX512-BF16, no AMX; bf16 causal, 2 threads): at N32/32 D64
+// S=512 the products take 72% of the kernel's samples, the softmax 16.5%, attend_block's own work (loading Q,
+// rescaling acc, writing the output rows, a page apart) 7%, packing K/V 4%; at D=128 and S >= 2048 the products 82%.
+// The products run at the GEMM rate, so the share of that rate a shape reaches is set by the work beside them: the
+// softmax (per score, so twice the products' weight at D=64 as at D=128), the packing (per key and kv head, against
+// products per key that grow with S), the per-block bookkeeping. On AMX the products are several times faster and
+// the softmax and its bookkeeping take about half the time. The figures behind the choices in this file (profiles,
+// builds that skip a phase, in-process A/Bs of what was kept and what was not) are in
+// benchmarks/kernel_performance.md; benchmarks/ab_builds.py repeats such an A/B.
 
 #include "ops.h"
 #include "transpose.h"
@@ -373,7 +291,7 @@ inline const char* key_row(const Problem& p, const void* base, const Strides& st
 }
 
 // The K and V rows of keys [begin, end) of one kv head, prefetched into L2: the conversions ask for their rows two
-// tiles ahead (see the header for the measurements).
+// tiles ahead (measurements: benchmarks/kernel_performance.md).
 constexpr int64_t kPrefetchKeys = 32;
 inline void prefetch_keys(const Problem& p, int64_t batch, int64_t kv_head, int64_t begin, int64_t end) {
   const int64_t row_bytes = p.head_dim * element_bytes(p.type);
@@ -489,7 +407,7 @@ inline float widen_scalar(uint16_t bits, ElementType type) {
 // products_16bit's bf16 case on a CPU with AVX512-BF16 and no AMX, in register tiles of kRowTile rows: written here
 // rather than taken from oneDNN because PyTorch's brgemm looks its kernel up in a cache on every call (~130 ns; 2-3% of
 // MHA's time at S = 512), which also made small calls on a causal diagonal cost more than they saved. These run at
-// oneDNN's rate (Zen 4, in-process A/B: within 1% at S = 2048) and take calls of 16 positions there; see the header.
+// oneDNN's rate (Zen 4, in-process A/B: within 1% at S = 2048) and take calls of 16 positions there.
 void bf16_products(int64_t m_rows, int64_t n_cols, int64_t depth, int64_t lda, int64_t ldb, int64_t ldc,
                    bool accumulate, const float* alpha, const uint16_t* a, const uint16_t* b, float* c) {
   const TileOperands<uint16_t> x{a, lda, b, ldb};
@@ -1035,11 +953,11 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   // Output rows sit a token apart (a page apart at 32 heads x D64 16-bit): a store first reads its line (from memory
   // where the output is cold, as after a layer's weights streamed through the cache), and a store waiting on its line
   // holds back the stores behind it. Asking for the lines kOutputRowsAhead rows ahead overlaps those reads; further
-  // ahead, page-apart rows would outnumber the 8 ways of the L1 sets they share. In-process A/Bs (see the header),
-  // Zen 4, causal S=512, five runs (one into a warm output; medians): bf16 MHA D64 -0.2 to +4.0% (+1.5%), GQA 32/8
-  // D64 -0.4 to +2.2% (+1.7%), 9/3 D64 -0.6 to +4.1% (+0.8%), MHA D128 -0.6 to +1.5% (+0.1%); fp16 +0.3-1%; S=2048
-  // 0%: a small gain, in this machine's noise run by run. (Skipping the read with non-temporal stores moves it to the
-  // layer that reads the output next; see the header.)
+  // ahead, page-apart rows would outnumber the 8 ways of the L1 sets they share. In-process A/Bs (a run-time switch;
+  // benchmarks/kernel_performance.md), Zen 4, causal S=512, five runs (one into a warm output; medians): bf16 MHA D64
+  // -0.2 to +4.0% (+1.5%), GQA 32/8 D64 -0.4 to +2.2% (+1.7%), 9/3 D64 -0.6 to +4.1% (+0.8%), MHA D128 -0.6 to +1.5%
+  // (+0.1%); fp16 +0.3-1%; S=2048 0%: a small gain, in this machine's noise run by run. (Skipping the read with
+  // non-temporal stores moves it to the layer that reads the output next: benchmarks/kernel_performance.md.)
   constexpr int64_t kOutputRowsAhead = 6;
   const int64_t out_bytes = p.head_dim * element_bytes(p.type);
   for (int64_t r = 0; r < std::min(kOutputRowsAhead, rows); ++r) prefetch_for_write(out_row(r), out_bytes);
