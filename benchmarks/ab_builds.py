@@ -37,7 +37,10 @@ DEFAULT_SHAPES = ["32,32,64,512,bf16", "32,8,64,512,bf16", "9,3,64,512,bf16", "3
                   "32,32,64,1024,bf16", "32,8,128,2048,bf16"]
 # outputs are convex combinations of N(0, 1) value rows; a build computing something else differs by ~0.1-1
 AGREEMENT_ATOL = 2e-2
-FLUSH_BYTES = 4 << 20  # written between calls: the next call finds its inputs in L3 as a layer's producer leaves them
+# MiB written between calls. 4: the next call finds its inputs and scratch in L3, as a layer's producer leaves them
+# after a small model's weights went through; 64: the kernel's scratch comes back from memory, as after a large
+# model's layer (measured at bf16 D64 S=512: 2-5% of the call, beyond the cost of cold inputs and output)
+DEFAULT_FLUSH_MIB = 4
 
 
 def edited_source(source: str, pattern: str, replacement: str) -> str:
@@ -123,6 +126,8 @@ def main() -> None:
     parser.add_argument("--control", action="store_true", help="also time an unedited copy (the noise floor)")
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="H,KVH,D,S,dtype (causal, one batch)")
     parser.add_argument("--rounds", type=int, default=24)
+    parser.add_argument("--flush-mib", type=int, default=DEFAULT_FLUSH_MIB,
+                        help="MiB written between calls (how cold the next call finds the caches)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +144,7 @@ def main() -> None:
         modules["control"] = build("control", work_dir, None)
     cpu = cpu_info()
     print(f"{cpu['model']}, {cpu['cpus']} CPUs, {torch.get_num_threads()} threads; ISA: {' '.join(cpu['isa_flags'])}")
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8)
+    flush = torch.empty(args.flush_mib << 20, dtype=torch.uint8)
     results = []
     for i, text in enumerate(args.shapes, 1):
         shape = parse_shape(text)
@@ -149,7 +154,7 @@ def main() -> None:
         ratios = "  ".join(f"{name} {100 * (x - 1):+.1f}%" for name, x in r["ratio_vs_baseline"].items())
         rates = " ".join(f"{name} {g:.1f}" for name, g in r["gflops"].items())
         print(f"{r['label']:28s} GFLOP/s: {rates}   vs baseline: {ratios}", flush=True)
-    report = dict(cpu=cpu, threads=torch.get_num_threads(), rounds=args.rounds,
+    report = dict(cpu=cpu, threads=torch.get_num_threads(), rounds=args.rounds, flush_mib=args.flush_mib,
                   variants={name: dict(pattern=p, replacement=r) for name, p, r in args.variant},
                   control=args.control, results=results)
     (args.out / "ab_builds.json").write_text(json.dumps(report, indent=1))
