@@ -6,6 +6,8 @@ writing a freshly allocated output as vLLM's Attention layer does: what the CPU_
 layer (its cache write is paid by both backends). PFA gets dense BSND tensors, as the PFA backend passes them,
 through the public operator (dispatcher, validation, the kernel) and through the CPU backend's own call of the
 kernel (validation once, vLLM's output rows), so the report separates the kernel's rate from the op's Python work.
+The bf16 GEMM behind the limits is also timed in each shape's rounds, so a shape measured while the machine ran slower
+shows it, and the bf16 rows get a share measured in the same rounds.
 
     python benchmarks/bench_op.py [--quick] [--out benchmarks/results]
 """
@@ -53,10 +55,19 @@ def timeit(fn, min_repeats: int = 3, min_seconds: float = 1.0) -> float:
     return timeit_interleaved({"call": fn}, min_repeats, min_seconds)["call"]
 
 
-def gemm_gflops(dtype: torch.dtype, n: int = 2048) -> float:
-    """The machine's matrix-multiply rate in this dtype: torch.matmul of two n x n matrices (oneDNN/MKL)."""
+GEMM_N = 2048
+
+
+def gemm_call(dtype: torch.dtype, n: int = GEMM_N):
+    """torch.matmul of two n x n matrices (oneDNN/MKL) and its FLOPs."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return 2 * n ** 3 / timeit(lambda: a @ b) / 1e9
+    return (lambda: a @ b), 2 * n ** 3
+
+
+def gemm_gflops(dtype: torch.dtype, n: int = GEMM_N) -> float:
+    """The machine's matrix-multiply rate in this dtype."""
+    call, flops = gemm_call(dtype, n)
+    return flops / timeit(call) / 1e9
 
 
 def measure_limits() -> dict:
@@ -169,14 +180,19 @@ def bench_shape(shape: dict, with_reference: bool) -> dict:
     if native_kernel.available():  # else the backend runs the operator itself: the "pfa" timing
         # after another kernel too, as the operator's call is: the Python work around the kernel runs cold there
         calls["pfa_backend_call"] = backend_call(q, k, v, lens, kwargs)
+    # The bf16 GEMM of the limits, timed in the same rounds: where the machine slows down during a shape (a busy
+    # neighbour on a shared host slowed every implementation of one shape by 10-25% in one run), the limits measured
+    # before and after the shapes do not, and the share read against them drops with the machine's speed
+    calls["gemm_bf16"], gemm_flops = gemm_call(torch.bfloat16)
     seconds = timeit_interleaved(calls)
+    gemm_in_rounds = gemm_flops / seconds.pop("gemm_bf16") / 1e9
     # PFA's calls back to back too, as the limits are measured: the calls it alternates with above leave it slower
     # at short sequences (measured at bf16 MHA D64 S=512: 211 interleaved, 228-246 alone, GFLOP/s)
     seconds["pfa_alone"] = timeit(pfa)
     if with_reference and seq <= 1024:
         seconds["reference"] = timeit(lambda: reference_npu_prompt_flash_attention(q, k, v, **kwargs), 1, 0.0)
     gflops = {name: flops / s / 1e9 for name, s in seconds.items()}
-    return dict(shape, gflops=gflops, seconds=seconds,
+    return dict(shape, gflops=gflops, seconds=seconds, gemm_bf16_in_rounds_gflops=gemm_in_rounds,
                 ratio_pfa_vs_kernel=seconds["vllm_cpu_kernel"] / seconds["pfa"],
                 ratio_pfa_vs_sdpa=seconds["sdpa"] / seconds["pfa"])
 
@@ -236,16 +252,25 @@ def main() -> None:
                       else (limits["fp32_peak_gflops"], "the fp32 peak") for name in DTYPES}
     print("PFA as a share of the limit of its products, measured in this run (the higher of the two measurements): "
           "the operator timed between the other kernels / the CPU backend's call (the kernel without the op's "
-          "dispatch) between them / the operator back to back (as the limits are):")
+          "dispatch) between them / the operator back to back (as the limits are); and the bf16 GEMM timed in the "
+          "shape's own rounds, between the same calls (a slower machine during the shape shows there):")
     for r in results:
         limit, limit_name = product_limits[r["dtype"]]
         r["pfa_share_of_limit"], r["limit"] = r["gflops"]["pfa"] / limit, limit_name
         r["pfa_alone_share_of_limit"] = r["gflops"]["pfa_alone"] / limit
         backend = r["gflops"].get("pfa_backend_call", r["gflops"]["pfa"])
         r["pfa_backend_call_share_of_limit"] = backend / limit
+        # how fast the machine ran during this shape, as the bf16 GEMM timed in its rounds says; for the bf16 rows
+        # also the operator's share of that GEMM, a ratio measured in the same rounds
+        r["gemm_bf16_in_rounds_vs_limit"] = r["gemm_bf16_in_rounds_gflops"] / gemm["bf16"]
+        in_rounds = ""
+        if limit_name == "torch.matmul bf16":
+            r["pfa_share_of_gemm_in_rounds"] = r["gflops"]["pfa"] / r["gemm_bf16_in_rounds_gflops"]
+            in_rounds = f"; operator {100 * r['pfa_share_of_gemm_in_rounds']:3.0f}% of"
         print(f"  {label(r):44s} {100 * r['pfa_share_of_limit']:4.0f}% / "
               f"{100 * r['pfa_backend_call_share_of_limit']:4.0f}% / {100 * r['pfa_alone_share_of_limit']:4.0f}% "
-              f"of {limit_name} ({limit:.0f} GFLOP/s)")
+              f"of {limit_name} ({limit:.0f} GFLOP/s){in_rounds} the bf16 GEMM in its rounds "
+              f"({100 * r['gemm_bf16_in_rounds_vs_limit']:.0f}% of the limit's rate)")
     ratios = [r["ratio_pfa_vs_kernel"] for r in results]
     by_dtype = {name: statistics.geometric_mean([r["ratio_pfa_vs_kernel"] for r in results if r["dtype"] == name])
                 for name in DTYPES if any(r["dtype"] == name for r in results)}
