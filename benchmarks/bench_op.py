@@ -263,14 +263,13 @@ def main() -> None:
         # how fast the machine ran during this shape, as the bf16 GEMM timed in its rounds says; for the bf16 rows
         # also the operator's share of that GEMM, a ratio measured in the same rounds
         r["gemm_bf16_in_rounds_vs_limit"] = r["gemm_bf16_in_rounds_gflops"] / gemm["bf16"]
-        in_rounds = ""
+        in_rounds = f"the bf16 GEMM in its rounds at {100 * r['gemm_bf16_in_rounds_vs_limit']:.0f}% of its limit's rate"
         if limit_name == "torch.matmul bf16":
             r["pfa_share_of_gemm_in_rounds"] = r["gflops"]["pfa"] / r["gemm_bf16_in_rounds_gflops"]
-            in_rounds = f"; operator {100 * r['pfa_share_of_gemm_in_rounds']:3.0f}% of"
+            in_rounds = f"operator {100 * r['pfa_share_of_gemm_in_rounds']:3.0f}% of {in_rounds}"
         print(f"  {label(r):44s} {100 * r['pfa_share_of_limit']:4.0f}% / "
               f"{100 * r['pfa_backend_call_share_of_limit']:4.0f}% / {100 * r['pfa_alone_share_of_limit']:4.0f}% "
-              f"of {limit_name} ({limit:.0f} GFLOP/s){in_rounds} the bf16 GEMM in its rounds "
-              f"({100 * r['gemm_bf16_in_rounds_vs_limit']:.0f}% of the limit's rate)")
+              f"of {limit_name} ({limit:.0f} GFLOP/s); {in_rounds}")
     ratios = [r["ratio_pfa_vs_kernel"] for r in results]
     by_dtype = {name: statistics.geometric_mean([r["ratio_pfa_vs_kernel"] for r in results if r["dtype"] == name])
                 for name in DTYPES if any(r["dtype"] == name for r in results)}
