@@ -26,7 +26,7 @@ from vllm import _custom_ops as ops
 from vllm import envs
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from plotting import causal_flops, cpu_info, grouped_bars
+from plotting import causal_flops, cpu_info, grouped_bars, warm_up
 from vllm_pfa.ops import compressed_causal_mask, native_kernel, npu_prompt_flash_attention
 from vllm_pfa.ops import reference_npu_prompt_flash_attention
 
@@ -39,7 +39,7 @@ def timeit_interleaved(calls: dict, min_rounds: int = 3, min_seconds: float = 3.
     machine's state: on shared cloud CPUs one build's rate on one shape moved by up to ~25% between runs seconds
     apart, which back-to-back blocks of one call each would turn into a ratio."""
     for fn in calls.values():
-        fn()  # warm-up
+        warm_up(fn)
     times: dict = {name: [] for name in calls}
     start, rounds = time.perf_counter(), 0
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < min_seconds):
