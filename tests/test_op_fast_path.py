@@ -154,20 +154,24 @@ def test_long_square_causal_prefill_goes_to_sdpa(without_native_kernel, monkeypa
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("scale", [-0.125, 0.0])
-def test_causal_with_non_positive_scale_stays_off_sdpa(without_native_kernel, monkeypatch, dtype, scale):
-    """torch's CPU SDPA with is_causal returns NaN or wrong rows for a scale <= 0: such problems take another route,
-    and match the reference; unmasked ones, which SDPA gets right, still go to it."""
+@pytest.mark.parametrize("scale", [-0.125, 0.0, math.inf])
+def test_scales_sdpa_gets_wrong_stay_off_it(without_native_kernel, monkeypatch, dtype, scale):
+    """torch's CPU SDPA with is_causal returns NaN or wrong rows for a scale <= 0, and with an infinite scale values
+    where the reference gives NaN: such problems take another route and match the reference (NaN where it has NaN);
+    unmasked ones with a finite scale, which SDPA gets right, still go to it."""
     calls = []
     monkeypatch.setattr(sdpa_path, "MIN_SEQ", 1)
     monkeypatch.setattr(sdpa_path, "run", lambda *a, _run=sdpa_path.run: calls.append(1) or _run(*a))
     q, k, v = make_qkv("BSND", 1, 4, 2, 40, 40, 64, dtype)
-    kwargs = dict(_causal_kwargs(4, 2, 64), scale_value=scale)
-    _assert_matches_reference(q, k, v, kwargs, npu_prompt_flash_attention(q, k, v, **kwargs))
-    assert not calls
-    kwargs = dict(kwargs, sparse_mode=0, atten_mask=None)
-    _assert_matches_reference(q, k, v, kwargs, npu_prompt_flash_attention(q, k, v, **kwargs))
-    assert calls
+    for mode in (3, 0):
+        kwargs = dict(_causal_kwargs(4, 2, 64), scale_value=scale, sparse_mode=mode)
+        if mode == 0:
+            kwargs["atten_mask"] = None
+        actual = npu_prompt_flash_attention(q, k, v, **kwargs).float()
+        expected = reference_npu_prompt_flash_attention(q, k, v, **kwargs).float()
+        tol = TOLERANCE[dtype]
+        torch.testing.assert_close(actual, expected, atol=tol, rtol=tol, equal_nan=True)
+        assert len(calls) == (mode == 0 and math.isfinite(scale)), (mode, calls)
 
 
 def _assert_route_exact(route, monkeypatch, dtype, mode, extra, dim, q_lens, kv_lens):

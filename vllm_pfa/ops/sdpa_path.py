@@ -5,9 +5,12 @@ Measured here (benchmarks/bench_op.py, 2 cores): on long sequences torch's CPU f
 at 8192; D=64: even at 4096, 1.01-1.05x at 8192), and it needs no repaging. SDPA's `is_causal` aligns the diagonal
 to the top-left, which equals PFA's bottom-right alignment (sparse_mode 2 and 3) only when a batch's query and key
 lengths are equal, so only such problems come here. With `is_causal` and a scale <= 0 (allowed by PFA; no model uses
-one) torch's CPU kernel returns NaN or wrong rows (measured with torch 2.13 in fp32, fp16 and bf16; found by
-tests/test_op_fuzz.py), so those stay on the other paths.
+one) torch's CPU kernel returns NaN or wrong rows, and with an infinite scale it leaves values where the reference's
+softmax gives NaN (measured with torch 2.13 in fp32, fp16 and bf16; found by tests/test_op_fuzz.py), so those stay on
+the other paths.
 """
+
+import math
 
 import torch
 
@@ -20,7 +23,8 @@ MIN_SEQ = 4096  # for head_dim >= 128; smaller heads from twice that
 def handles(problem: PFAProblem, dtype: torch.dtype, *, has_pse: bool, has_mask: bool) -> bool:
     p = problem
     min_seq = MIN_SEQ if p.head_dim >= 128 else 2 * MIN_SEQ
-    if has_pse or dtype not in (torch.float16, torch.bfloat16, torch.float32) or max(p.actual_q) < min_seq:
+    if (has_pse or dtype not in (torch.float16, torch.bfloat16, torch.float32) or max(p.actual_q) < min_seq
+            or not math.isfinite(p.scale_value)):
         return False
     if p.sparse_mode == 0 and not has_mask:
         return True
