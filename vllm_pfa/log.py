@@ -1,4 +1,5 @@
-"""Loggers of vllm-pfa, through vLLM's logger."""
+"""Loggers of vllm-pfa, through vLLM's logger (a standard logger of the same name where vLLM is not installed: the
+operator needs only torch, and the package declares no vLLM dependency)."""
 
 import logging
 
@@ -8,8 +9,12 @@ _said: set[tuple] = set()
 def init_logger(name: str) -> logging.Logger:
     # Imported here, not at module level: importing vllm runs platform detection (vLLM 0.30), which loads this
     # package's platform plugin, which needs this module complete.
-    from vllm.logger import init_logger as vllm_init_logger
-
+    try:
+        from vllm.logger import init_logger as vllm_init_logger
+    except ModuleNotFoundError as exc:
+        if exc.name != "vllm":  # vLLM is there but broken: that is not for this package to hide
+            raise
+        return logging.getLogger(f"vllm.{name}")
     # vLLM's logging configuration (handler, level, VLLM_LOGGING_LEVEL) covers the "vllm" logger tree only.
     return vllm_init_logger(f"vllm.{name}")
 
