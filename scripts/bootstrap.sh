@@ -12,7 +12,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 echo "[bootstrap] creating .venv and installing vllm-pfa (first run takes a few minutes)"
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+if [ ! -x .venv/bin/python ]; then
+    source scripts/free_space.sh
+    require_free_space 5 "a new .venv"
+    "$PYTHON" -m venv .venv
+fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # The native kernel (vllm_pfa._C) compiles against the pinned torch: install it and the build tools first, then
 # build without an isolated environment (which would fetch a second torch).

