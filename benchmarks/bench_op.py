@@ -7,7 +7,9 @@ layer (its cache write is paid by both backends). PFA gets dense BSND tensors, a
 through the public operator (dispatcher, validation, the kernel) and through the CPU backend's own call of the
 kernel (validation once, vLLM's output rows), so the report separates the kernel's rate from the op's Python work.
 The bf16 GEMM behind the limits is also timed in each shape's rounds, so a shape measured while the machine ran slower
-shows it, and the bf16 rows get a share measured in the same rounds.
+shows it, and the bf16 rows get a share measured in the same rounds. Where vLLM is not installed (a host with torch
+alone, such as a lent accelerator machine's CPU), the rest is measured and vLLM's kernel and the ratios to it are left
+out, as the report says.
 
     python benchmarks/bench_op.py [--quick] [--out benchmarks/results]
 """
@@ -22,9 +24,14 @@ from pathlib import Path
 
 import torch
 
-from vllm import _custom_ops as ops
-from vllm import envs
-from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+try:
+    from vllm import _custom_ops as ops
+    from vllm import envs
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+except ModuleNotFoundError as exc:  # vLLM itself missing; a vLLM that is present but broken still raises
+    if exc.name != "vllm":
+        raise
+    ops = None
 
 from plotting import causal_flops, cpu_info, grouped_bars, warm_up
 from vllm_pfa.ops import compressed_causal_mask, native_kernel, npu_prompt_flash_attention
@@ -175,8 +182,9 @@ def bench_shape(shape: dict, with_reference: bool) -> dict:
                   sparse_mode=3, atten_mask=mask, actual_seq_lengths=lens, actual_seq_lengths_kv=lens)
     flops = causal_flops(heads, dim, lens, lens)
     pfa = lambda: npu_prompt_flash_attention(q, k, v, **kwargs)  # noqa: E731
-    calls = {"vllm_cpu_kernel": vllm_kernel_call(q, k, v, lens, scale), "pfa": pfa,
-             "sdpa": sdpa_call(q, k, v, lens, scale)}
+    calls = {"pfa": pfa, "sdpa": sdpa_call(q, k, v, lens, scale)}
+    if ops is not None:
+        calls = {"vllm_cpu_kernel": vllm_kernel_call(q, k, v, lens, scale), **calls}
     if native_kernel.available():  # else the backend runs the operator itself: the "pfa" timing
         # after another kernel too, as the operator's call is: the Python work around the kernel runs cold there
         calls["pfa_backend_call"] = backend_call(q, k, v, lens, kwargs)
@@ -192,9 +200,10 @@ def bench_shape(shape: dict, with_reference: bool) -> dict:
     if with_reference and seq <= 1024:
         seconds["reference"] = timeit(lambda: reference_npu_prompt_flash_attention(q, k, v, **kwargs), 1, 0.0)
     gflops = {name: flops / s / 1e9 for name, s in seconds.items()}
-    return dict(shape, gflops=gflops, seconds=seconds, gemm_bf16_in_rounds_gflops=gemm_in_rounds,
-                ratio_pfa_vs_kernel=seconds["vllm_cpu_kernel"] / seconds["pfa"],
-                ratio_pfa_vs_sdpa=seconds["sdpa"] / seconds["pfa"])
+    ratios = dict(ratio_pfa_vs_sdpa=seconds["sdpa"] / seconds["pfa"])
+    if "vllm_cpu_kernel" in seconds:
+        ratios["ratio_pfa_vs_kernel"] = seconds["vllm_cpu_kernel"] / seconds["pfa"]
+    return dict(shape, gflops=gflops, seconds=seconds, gemm_bf16_in_rounds_gflops=gemm_in_rounds, **ratios)
 
 
 def label(r: dict) -> str:
@@ -203,7 +212,7 @@ def label(r: dict) -> str:
 
 
 def plot(results: list[dict], limits: dict, path: Path) -> None:
-    names = ["pfa", "vllm_cpu_kernel", "sdpa"]
+    names = [name for name in ("pfa", "vllm_cpu_kernel", "sdpa") if name in results[0]["gflops"]]
     grouped_bars(path, [label(r) for r in results], {n: [r["gflops"][n] for r in results] for n in names},
                  ylabel="GFLOP/s (causal FLOPs)", figsize=(max(10, len(results) * 0.45), 6), label_rotation=75,
                  title="Causal prefill attention on CPU: PFA vs vLLM CPU kernel vs torch SDPA (lines: this run's "
@@ -226,6 +235,8 @@ def main() -> None:
     routes = {name: kernel.products_route(torch.zeros(1, dtype=dtype)) if kernel else None
               for name, dtype in DTYPES.items()}
     print(f"{cpu['model']}, {cpu['cpus']} CPUs, {torch.get_num_threads()} threads; ISA: {' '.join(cpu['isa_flags'])}")
+    if ops is None:
+        print("vLLM is not installed: its CPU kernel is not measured, and the PFA / kernel ratios are left out")
     print("measuring the limits (again after the shapes) ...", file=sys.stderr, flush=True)
     measurements = [measure_limits()]
     results = []
@@ -235,9 +246,11 @@ def main() -> None:
         r = bench_shape(shape, with_reference=True)
         results.append(r)
         g = r["gflops"]
-        ref = f"{g['reference']:8.1f}" if "reference" in g else f"{'-':>8s}"
-        print(f"{label(r):44s} {g['pfa']:8.1f} {g['vllm_cpu_kernel']:8.1f} {g['sdpa']:8.1f} {ref}  "
-              f"{r['ratio_pfa_vs_kernel']:9.2f}x {r['ratio_pfa_vs_sdpa']:8.2f}x", flush=True)
+        ref, kernel_rate = (f"{g[name]:8.1f}" if name in g else f"{'-':>8s}"
+                            for name in ("reference", "vllm_cpu_kernel"))
+        kernel_ratio = f"{r['ratio_pfa_vs_kernel']:9.2f}x" if "ratio_pfa_vs_kernel" in r else f"{'-':>10s}"
+        print(f"{label(r):44s} {g['pfa']:8.1f} {kernel_rate} {g['sdpa']:8.1f} {ref}  "
+              f"{kernel_ratio} {r['ratio_pfa_vs_sdpa']:8.2f}x", flush=True)
     measurements.append(measure_limits())
     limits = reference_limits(measurements)
     gemm = limits["gemm_gflops"]
@@ -270,16 +283,18 @@ def main() -> None:
         print(f"  {label(r):44s} {100 * r['pfa_share_of_limit']:4.0f}% / "
               f"{100 * r['pfa_backend_call_share_of_limit']:4.0f}% / {100 * r['pfa_alone_share_of_limit']:4.0f}% "
               f"of {limit_name} ({limit:.0f} GFLOP/s); {in_rounds}")
-    ratios = [r["ratio_pfa_vs_kernel"] for r in results]
-    by_dtype = {name: statistics.geometric_mean([r["ratio_pfa_vs_kernel"] for r in results if r["dtype"] == name])
-                for name in DTYPES if any(r["dtype"] == name for r in results)}
-    summary = dict(min_ratio_pfa_vs_kernel=min(ratios), geomean_ratio_pfa_vs_kernel=statistics.geometric_mean(ratios),
-                   geomean_ratio_pfa_vs_kernel_by_dtype=by_dtype, gemm_gflops=gemm, limits=limits,
-                   native_products=products, native_products_routes=routes,
-                   cpu=cpu, threads=torch.get_num_threads(), torch=torch.__version__)
-    print(f"PFA vs vLLM CPU kernel: min {summary['min_ratio_pfa_vs_kernel']:.2f}x, "
-          f"geomean {summary['geomean_ratio_pfa_vs_kernel']:.2f}x over {len(results)} shapes; by dtype: "
-          + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in by_dtype.items()))
+    summary = dict(gemm_gflops=gemm, limits=limits, native_products=products, native_products_routes=routes,
+                   cpu=cpu, threads=torch.get_num_threads(), torch=torch.__version__, vllm_installed=ops is not None)
+    if ops is not None:
+        ratios = [r["ratio_pfa_vs_kernel"] for r in results]
+        by_dtype = {name: statistics.geometric_mean([r["ratio_pfa_vs_kernel"] for r in results if r["dtype"] == name])
+                    for name in DTYPES if any(r["dtype"] == name for r in results)}
+        summary.update(min_ratio_pfa_vs_kernel=min(ratios),
+                       geomean_ratio_pfa_vs_kernel=statistics.geometric_mean(ratios),
+                       geomean_ratio_pfa_vs_kernel_by_dtype=by_dtype)
+        print(f"PFA vs vLLM CPU kernel: min {summary['min_ratio_pfa_vs_kernel']:.2f}x, "
+              f"geomean {summary['geomean_ratio_pfa_vs_kernel']:.2f}x over {len(results)} shapes; by dtype: "
+              + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in by_dtype.items()))
     (args.out / "bench_op.json").write_text(json.dumps(dict(summary=summary, results=results), indent=1))
     plot(results, limits, args.out / "bench_op.png")
     print(f"wrote {args.out / 'bench_op.json'} and {args.out / 'bench_op.png'}")

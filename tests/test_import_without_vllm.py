@@ -1,6 +1,6 @@
 """The operator needs only torch: where vLLM is not installed (the package declares no vLLM dependency) `vllm_pfa`
-imports, the operator runs and matches the reference, and the kernel A/B tool (benchmarks/ab_builds.py) starts, so it
-can run on a host with torch alone. vLLM's absence is simulated in a fresh interpreter by a finder that refuses it."""
+imports, the operator runs and matches the reference, the kernel A/B tool (benchmarks/ab_builds.py) starts, and the
+operator benchmark (benchmarks/bench_op.py) runs without vLLM's kernel, so they can run on a host with torch alone. vLLM's absence is simulated in a fresh interpreter by a finder that refuses it."""
 
 import subprocess
 import sys
@@ -55,3 +55,28 @@ except SystemExit as exit:
     assert exit.code in (0, None), exit.code
 """)
     assert "--variant" in proc.stdout
+
+
+def test_operator_benchmark_runs_without_vllm(tmp_path):
+    """bench_op.py's whole report on one small shape (the limits' slow GEMMs replaced by fixed rates): vLLM's
+    kernel and the ratios to it are left out, the rest is measured and written as JSON and PNG."""
+    proc = _run(f"""
+import json
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+import bench_op
+assert bench_op.ops is None
+bench_op.shapes = lambda quick: iter([dict(dtype="bf16", heads=4, kv_heads=2, dim=64, lens=[64])])
+bench_op.measure_limits = lambda: dict(gemm=dict(bf16=100.0, fp32=50.0, fp16=1.0), fma=60.0)
+sys.argv = ["bench_op.py", "--out", "{tmp_path}"]
+bench_op.main()
+report = json.loads(Path("{tmp_path}", "bench_op.json").read_text())
+(row,) = report["results"]
+assert {{"pfa", "sdpa", "pfa_alone", "reference"}} <= set(row["gflops"]), row["gflops"]
+assert "vllm_cpu_kernel" not in row["gflops"] and "ratio_pfa_vs_kernel" not in row, row
+assert row["ratio_pfa_vs_sdpa"] > 0 and row["pfa_share_of_limit"] > 0
+assert report["summary"]["vllm_installed"] is False and "min_ratio_pfa_vs_kernel" not in report["summary"]
+assert Path("{tmp_path}", "bench_op.png").stat().st_size > 0
+assert not any(name == "vllm" or name.startswith("vllm.") for name in sys.modules), "vllm was imported"
+""")
+    assert "vLLM is not installed: its CPU kernel is not measured" in proc.stdout
