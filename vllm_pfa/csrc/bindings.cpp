@@ -11,6 +11,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("q_lens"), pybind11::arg("kv_lens"), pybind11::arg("lo_offsets"),
         pybind11::arg("hi_offsets"), pybind11::arg("scale"), pybind11::arg("products") = "auto",
         pybind11::arg("out_starts") = std::vector<int64_t>{});
+  m.def("phase_cycles", &vllm_pfa::phase_cycles,
+        "prefill_attention's time-stamp-counter cycles per phase since the previous call, (name, cycles) pairs summed "
+        "over threads (call_thread_cycles: the calls' wall time times the threads), then counting switched on or off",
+        pybind11::arg("enable"));
   m.def("products_for", &vllm_pfa::products_for,
         "How prefill_attention multiplies for a query of this dtype here: input_dtype (16-bit matrix "
         "instructions) or fp32", pybind11::arg("query"));

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,10 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const std::vector<int64_t>& q_lens, const std::vector<int64_t>& kv_lens,
                        const std::vector<int64_t>& lo_offsets, const std::vector<int64_t>& hi_offsets, double scale,
                        const std::string& products, const std::vector<int64_t>& out_starts);
+
+// The time-stamp-counter cycles each phase of prefill_attention took since the previous call (summed over threads;
+// phase_cycles.h names them, in its order), then counting switched on or off for the calls that follow.
+std::vector<std::pair<std::string, uint64_t>> phase_cycles(bool enable);
 
 // The products "auto" picks for a query of this dtype on this CPU: "input_dtype" or "fp32".
 std::string products_for(const at::Tensor& query);

@@ -37,6 +37,7 @@
 // not) are in benchmarks/kernel_performance.md; benchmarks/ab_builds.py repeats such an A/B.
 
 #include "ops.h"
+#include "phase_cycles.h"
 #include "transpose.h"
 
 #include <ATen/Parallel.h>
@@ -681,6 +682,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   // block's rows are prefetched into L2 first, like K and V (see prefetch_keys). In-process A/B, Zen 4, causal, read in
   // place (bf16): MHA D64 S=512 +4%, D128 +1.4%, GQA 32/8 D64 +1.4%, MHA D64 S=2048 +1.6%; copied (fp16), against
   // PREFETCHT0 eight rows ahead: MHA S=512 +1.4-1.8%.
+  phases::Lap lap;
   const int64_t row_bytes = p.head_dim * element_bytes(p.type);
   for (int64_t r = 0; r < rows; ++r) prefetch_row(query_row(r), row_bytes);
   for (int64_t r = 0; r < padded_rows; ++r) {
@@ -726,6 +728,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
       p.products == Products::kInputTypeTiles ? kTileChunkPositions : kMatrixChunkPositions;
   const int64_t group_rows = !kMatrix ? kRowTile : chunk_positions * group;
   const int64_t tiles = (padded_rows + group_rows - 1) / group_rows;
+  lap.to(phases::kQuery);
   for (int64_t block_start = union_hi ? union_lo / kKeyBlock * kKeyBlock : 0; block_start < union_hi;
        block_start += kKeyBlock) {
     // Columns of this block any row of a group keeps: [col_lo, col_hi), block-relative; empty when lo >= hi.
@@ -796,6 +799,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
         }
       }
     }
+    lap.to(phases::kScores);
     // Online softmax: the weights of the kept columns, 0 for the rest of the columns the products below read (the
     // row's group's range in whole 16-key tiles, which is the block's where the groups are uniform; in 16 bits
     // written in the input dtype). Rows of a group that keeps nothing here are read by no product. Rows go through
@@ -888,6 +892,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
         }
       }
     }
+    lap.to(phases::kSoftmax);
     bool nonfinite_values = false;
     for (int64_t tile = block_start + block_lo; tile < block_start + block_hi; tile += 16) {
       nonfinite_values |= nonfinite_tiles[tile / 16] != 0;
@@ -940,9 +945,11 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
         }
       }
     }
+    lap.to(phases::kValues);
   }
   if (kMatrix && p.products == Products::kInputTypeOneDNN) at::native::cpublas::brgemm_release();
   if (!acc_written) zero_acc();  // no key block: every row is empty
+  lap.to(phases::kValues);
   auto out_row = [&](int64_t r) {
     const int64_t pos = first + r / group;
     const int64_t head = kv_head * group + r % group;
@@ -973,6 +980,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
               _mm512_mul_ps(_mm512_loadu_ps(s.acc + r * dp + d), scale_row), tail_mask(p.head_dim - d));
     }
   }
+  lap.to(phases::kOutput);
 }
 
 }  // namespace kernel
@@ -1121,6 +1129,13 @@ Products parse_products(const std::string& products, ElementType type) {
 
 }  // namespace
 
+std::vector<std::pair<std::string, uint64_t>> phase_cycles(bool enable) {
+  std::vector<std::pair<std::string, uint64_t>> cycles;
+  for (int i = 0; i < phases::kCount; ++i) cycles.emplace_back(phases::kNames[i], phases::totals[i].exchange(0));
+  phases::enabled.store(enable);
+  return cycles;
+}
+
 std::string products_for(const at::Tensor& query) {
   return parse_products("auto", element_type(query)) == Products::kFloat32 ? "fp32" : "input_dtype";
 }
@@ -1191,6 +1206,10 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   p.bf16_instructions = (p.products == Products::kInputTypeOneDNN || p.products == Products::kInputTypeTiles) &&
                         matrix_features().avx512_bf16;
   const bool matrix = p.products != Products::kFloat32;
+  struct CallClock {  // the call's thread time, for the phase counters (charged when the call returns)
+    phases::Lap lap;
+    ~CallClock() { lap.call_ends(at::get_num_threads()); }
+  } call_clock;
   const int64_t group = heads / kv_heads;
   const int64_t positions_per_block = std::max<int64_t>(1, kRowsPerQueryBlock / group);
   const int64_t scratch_rows = (positions_per_block * group + kRowTile - 1) / kRowTile * kRowTile;
@@ -1278,7 +1297,9 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       float* kv_copy = kv_scratch(2 * unit_floats(unit));
       unit.key_t = kv_copy;
       unit.value = kv_copy + unit_floats(unit);
+      phases::Lap lap;
       convert(unit, unit.key_start, unit.key_end);
+      lap.to(phases::kPacking);
       for (const Item& block : unit_blocks[item.unit]) attend(unit, block);
     });
     return;
@@ -1316,9 +1337,11 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       query_blocks(u, blocks);
     }
     run_dynamic(conversions, [&](const Item& item) {
+      phases::Lap lap;
       for (int64_t tile = item.begin; tile < item.end; tile += 16) {
         for (size_t u = item.unit; u < item.unit_end; ++u) convert(units[u], tile, tile + 16);
       }
+      lap.to(phases::kPacking);
     });
     run_dynamic(blocks, [&](const Item& block) { attend(units[block.unit], block); });
     first_unit = end_unit;
