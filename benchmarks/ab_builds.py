@@ -23,6 +23,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -121,6 +122,22 @@ def compare(shape: dict, modules: dict, rounds: int, flush: torch.Tensor) -> dic
     return result
 
 
+def run_shapes(texts: list[str], flush_mib: int, measure: Callable[[dict, torch.Tensor], dict],
+               summary: Callable[[dict], str]) -> tuple[dict, list[dict]]:
+    """The CPU (printed and returned), and `measure(shape, flush)` of each H,KVH,D,S,dtype text with its progress
+    shown, `summary(result)` printed per shape; `flush` is the buffer of flush_mib MiB to write between calls."""
+    cpu = cpu_info()
+    print(f"{cpu['model']}, {cpu['cpus']} CPUs, {torch.get_num_threads()} threads; ISA: {' '.join(cpu['isa_flags'])}")
+    flush = torch.empty(flush_mib << 20, dtype=torch.uint8)
+    results = []
+    for i, text in enumerate(texts, 1):
+        shape = parse_shape(text)
+        print(f"[{i}/{len(texts)}] {shape_label(shape)} ...", end="\r", file=sys.stderr, flush=True)
+        results.append(measure(shape, flush))
+        print(summary(results[-1]), flush=True)
+    return cpu, results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", nargs=3, action="append", metavar=("NAME", "PATTERN", "REPLACEMENT"),
@@ -144,18 +161,14 @@ def main() -> None:
         modules[name] = build(name, work_dir, (pattern, replacement))
     if args.control:
         modules["control"] = build("control", work_dir, None)
-    cpu = cpu_info()
-    print(f"{cpu['model']}, {cpu['cpus']} CPUs, {torch.get_num_threads()} threads; ISA: {' '.join(cpu['isa_flags'])}")
-    flush = torch.empty(args.flush_mib << 20, dtype=torch.uint8)
-    results = []
-    for i, text in enumerate(args.shapes, 1):
-        shape = parse_shape(text)
-        print(f"[{i}/{len(args.shapes)}] {shape_label(shape)} ...", end="\r", file=sys.stderr, flush=True)
-        r = compare(shape, modules, args.rounds, flush)
-        results.append(r)
+
+    def summary(r: dict) -> str:
         ratios = "  ".join(f"{name} {100 * (x - 1):+.1f}%" for name, x in r["ratio_vs_baseline"].items())
         rates = " ".join(f"{name} {g:.1f}" for name, g in r["gflops"].items())
-        print(f"{r['label']:28s} GFLOP/s: {rates}   vs baseline: {ratios}", flush=True)
+        return f"{r['label']:28s} GFLOP/s: {rates}   vs baseline: {ratios}"
+
+    cpu, results = run_shapes(args.shapes, args.flush_mib,
+                              lambda shape, flush: compare(shape, modules, args.rounds, flush), summary)
     report = dict(cpu=cpu, threads=torch.get_num_threads(), rounds=args.rounds, flush_mib=args.flush_mib,
                   variants={name: dict(pattern=p, replacement=r) for name, p, r in args.variant},
                   control=args.control, results=results)

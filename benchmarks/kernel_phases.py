@@ -18,15 +18,14 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from ab_builds import DEFAULT_FLUSH_MIB, DEFAULT_SHAPES, DTYPES, parse_shape, shape_label
-from plotting import causal_flops, cpu_info, grouped_bars, warm_up
+from ab_builds import DEFAULT_FLUSH_MIB, DEFAULT_SHAPES, DTYPES, run_shapes, shape_label
+from plotting import causal_flops, grouped_bars, warm_up
 from vllm_pfa.ops import native_kernel
 
 CALL = "call_thread_cycles"
@@ -90,18 +89,14 @@ def main() -> None:
     if kernel is None:
         raise SystemExit("the native kernel is not available here (not built, or this CPU lacks AVX-512)")
     args.out.mkdir(parents=True, exist_ok=True)
-    cpu = cpu_info()
-    print(f"{cpu['model']}, {cpu['cpus']} CPUs, {torch.get_num_threads()} threads; ISA: {' '.join(cpu['isa_flags'])}")
-    flush = torch.empty(args.flush_mib << 20, dtype=torch.uint8)
-    results = []
-    for i, text in enumerate(args.shapes, 1):
-        shape = parse_shape(text)
-        print(f"[{i}/{len(args.shapes)}] {shape_label(shape)} ...", end="\r", file=sys.stderr, flush=True)
-        r = measure(kernel, shape, args.calls, args.products, flush)
-        results.append(r)
+
+    def summary(r: dict) -> str:
         shares = "  ".join(f"{name.split(' ')[0]} {100 * share:4.1f}%" for name, share in r["shares"].items())
-        print(f"{r['label']:28s} {r['route']:10s} {r['gflops']:7.1f} GFLOP/s  {shares}  "
-              f"(counting {100 * r['counting_cost']:+.1f}%)", flush=True)
+        return (f"{r['label']:28s} {r['route']:10s} {r['gflops']:7.1f} GFLOP/s  {shares}  "
+                f"(counting {100 * r['counting_cost']:+.1f}%)")
+
+    cpu, results = run_shapes(args.shapes, args.flush_mib,
+                              lambda shape, flush: measure(kernel, shape, args.calls, args.products, flush), summary)
     report = dict(cpu=cpu, threads=torch.get_num_threads(), torch=torch.__version__, calls=args.calls,
                   products=args.products, flush_mib=args.flush_mib, results=results)
     (args.out / "kernel_phases.json").write_text(json.dumps(report, indent=1))
