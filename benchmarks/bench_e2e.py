@@ -3,8 +3,9 @@
 The benchmark model (built locally: 32 query heads, 8 kv heads, head_dim 128, 2 layers, small MLP, hidden size
 1024) makes attention a real share of the work. Workloads: prefill-heavy (input 2048, output 16), mixed (input
 512, output 128) and long-context (input 8192, output 16); on the embedded SmolLM2-135M-Instruct (a real model: 9/3
-heads, head_dim 64, 30 layers) prefill-heavy (4096/16) and mixed (1024/128). Each backend runs in its own `vllm bench throughput`
-process with the same arguments; backends alternate per workload so drift on a noisy machine hits both.
+heads, head_dim 64, 30 layers) prefill-heavy (4096/16) and mixed (1024/128). Each backend runs in its own
+`vllm bench throughput` process with the same arguments; backends alternate per workload so drift on a noisy machine
+hits both.
 
 The speculative-decoding workload runs offline instead (benchmarks/speculative_run.py: `vllm bench throughput`'s
 random prompts give n-gram lookup nothing to draft from): the embedded SmolLM2-135M-Instruct with n-gram speculation

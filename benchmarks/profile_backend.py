@@ -191,9 +191,9 @@ def main() -> None:
                  figsize=(14, 5))
     share = attention_share()
     for backend, run in share["runs"].items():
-        print(f"SmolLM2 {share['workload']['input_len']}/{share['workload']['output_len']} bf16, {backend:8s}: generate "
-              f"{run['seconds']:.2f} s, attention {run['attention_seconds']:.2f} s "
-              f"({100 * run['attention_share']:.1f}% of it)")
+        workload = f"{share['workload']['input_len']}/{share['workload']['output_len']}"
+        print(f"SmolLM2 {workload} bf16, {backend:8s}: generate {run['seconds']:.2f} s, "
+              f"attention {run['attention_seconds']:.2f} s ({100 * run['attention_share']:.1f}% of it)")
     print(f"PFA vs CPU_ATTN: attention {share['attention_ratio_pfa_vs_cpu_attn']:.2f}x, end to end "
           f"{share['e2e_ratio_pfa_vs_cpu_attn']:.2f}x; CPU_ATTN without attention would be "
           f"{share['amdahl_bound']:.2f}x (the bound on any attention kernel's end-to-end gain here)")

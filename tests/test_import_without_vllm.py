@@ -1,6 +1,7 @@
 """The operator needs only torch: where vLLM is not installed (the package declares no vLLM dependency) `vllm_pfa`
 imports, the operator runs and matches the reference, the kernel A/B tool (benchmarks/ab_builds.py) starts, and the
-operator benchmark (benchmarks/bench_op.py) runs without vLLM's kernel, so they can run on a host with torch alone. vLLM's absence is simulated in a fresh interpreter by a finder that refuses it."""
+operator benchmark (benchmarks/bench_op.py) runs without vLLM's kernel, so they can run on a host with torch alone.
+vLLM's absence is simulated in a fresh interpreter by a finder that refuses it."""
 
 import subprocess
 import sys
