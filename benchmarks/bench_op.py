@@ -33,7 +33,7 @@ except ModuleNotFoundError as exc:  # vLLM itself missing; a vLLM that is presen
         raise
     ops = None
 
-from plotting import causal_flops, cpu_info, grouped_bars, warm_up
+from plotting import GEMM_N, causal_flops, cpu_info, gemm_call, grouped_bars, warm_up
 from vllm_pfa.ops import compressed_causal_mask, native_kernel, npu_prompt_flash_attention
 from vllm_pfa.ops import reference_npu_prompt_flash_attention
 
@@ -60,15 +60,6 @@ def timeit_interleaved(calls: dict, min_rounds: int = 3, min_seconds: float = 3.
 
 def timeit(fn, min_repeats: int = 3, min_seconds: float = 1.0) -> float:
     return timeit_interleaved({"call": fn}, min_repeats, min_seconds)["call"]
-
-
-GEMM_N = 2048
-
-
-def gemm_call(dtype: torch.dtype, n: int = GEMM_N):
-    """torch.matmul of two n x n matrices (oneDNN/MKL) and its FLOPs."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return (lambda: a @ b), 2 * n ** 3
 
 
 def gemm_gflops(dtype: torch.dtype, n: int = GEMM_N) -> float:

@@ -9,9 +9,11 @@ have none) and no vLLM: PyTorch, the built extension and matplotlib.
     (from a bare checkout with the extension built: PYTHONPATH=. python3 benchmarks/kernel_phases.py)
 
 Per shape, calls with the counters on and off alternate on fresh inputs, with a write of --flush-mib MiB between
-calls (as ab_builds.py); the report gives the shares, the rate of the calls without counters, and what counting
-costs (the median of paired time ratios), and checks that counting changes no bit of the output. JSON and PNG go to
---out.
+calls (as ab_builds.py); a bf16 GEMM (torch.matmul 2048^3) is timed just before and just after them (the faster of
+the two: a busy moment only slows it), not between them, where its 24 MB would leave the kernel's memory cold. The
+report gives the shares, the rate of the calls without counters, the products' own rate (the call's rate over the
+products' share) as a share of that GEMM's, and what counting costs (the median of paired time ratios), and checks
+that counting changes no bit of the output. JSON and PNG go to --out.
 """
 
 import argparse
@@ -25,15 +27,22 @@ from pathlib import Path
 import torch
 
 from ab_builds import DEFAULT_FLUSH_MIB, DEFAULT_SHAPES, DTYPES, run_shapes, shape_label
-from plotting import causal_flops, grouped_bars, warm_up
+from plotting import causal_flops, gemm_call, grouped_bars, warm_up
 from vllm_pfa.ops import native_kernel
 
 CALL = "call_thread_cycles"
 OTHER = "other (scheduling, waiting, setup)"
 
 
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def measure(kernel, shape: dict, calls: int, products: str, flush: torch.Tensor) -> dict:
-    """The phases' shares of the counted calls' thread time, the uncounted calls' GFLOP/s, and counting's cost."""
+    """The phases' shares of the counted calls' thread time, the uncounted calls' GFLOP/s and the products' (against
+    a bf16 GEMM timed around them), and counting's cost."""
     heads, kv_heads, dim, seq = (shape[k] for k in ("heads", "kv_heads", "dim", "seq"))
     dtype = DTYPES[shape["dtype"]]
     scale = 1 / math.sqrt(dim)
@@ -48,6 +57,13 @@ def measure(kernel, shape: dict, calls: int, products: str, flush: torch.Tensor)
                                  [seq], [seq], [-seq - 1], [0], scale, products)
         return out
 
+    gemm, gemm_flops = gemm_call(torch.bfloat16)
+
+    def gemm_seconds() -> float:
+        warm_up(gemm)
+        return statistics.median(timed(gemm) for _ in range(5))
+
+    gemm_times = [gemm_seconds()]
     q, k, v = fresh()
     warm_up(lambda: call(q, k, v, True))
     kernel.phase_cycles(False)
@@ -58,20 +74,22 @@ def measure(kernel, shape: dict, calls: int, products: str, flush: torch.Tensor)
         q, k, v = fresh()
         for counting in (True, False) if i % 2 == 0 else (False, True):
             flush.fill_(i & 0xFF)
-            start = time.perf_counter()
-            call(q, k, v, counting)
-            times[counting].append(time.perf_counter() - start)
+            times[counting].append(timed(lambda: call(q, k, v, counting)))
             counted = dict(kernel.phase_cycles(False))
             if counting:
                 totals.update(counted)
+    gemm_times.append(gemm_seconds())
     if totals[CALL] == 0:
         raise SystemExit("the kernel counted nothing: this build has no phase counters")
     shares = {name: cycles / totals[CALL] for name, cycles in totals.items() if name != CALL}
     shares[OTHER] = 1 - sum(shares.values())
-    flops = causal_flops(heads, dim, [seq], [seq])
+    gflops = causal_flops(heads, dim, [seq], [seq]) / statistics.median(times[False]) / 1e9
+    gemm_gflops = gemm_flops / min(gemm_times) / 1e9
+    products_gflops = gflops / (shares["scores"] + shares["values"])  # their rate, were they all the call did
     return dict(shape, label=shape_label(shape), calls=calls, products=products,
-                route=kernel.products_route(q, products), shares=shares, cycles=dict(totals),
-                gflops=flops / statistics.median(times[False]) / 1e9,
+                route=kernel.products_route(q, products), shares=shares, cycles=dict(totals), gflops=gflops,
+                gemm_bf16_gflops=gemm_gflops, share_of_gemm=gflops / gemm_gflops,
+                products_gflops=products_gflops, products_share_of_gemm=products_gflops / gemm_gflops,
                 counting_cost=statistics.median(a / b for a, b in zip(times[True], times[False])) - 1)
 
 
@@ -92,8 +110,9 @@ def main() -> None:
 
     def summary(r: dict) -> str:
         shares = "  ".join(f"{name.split(' ')[0]} {100 * share:4.1f}%" for name, share in r["shares"].items())
-        return (f"{r['label']:28s} {r['route']:10s} {r['gflops']:7.1f} GFLOP/s  {shares}  "
-                f"(counting {100 * r['counting_cost']:+.1f}%)")
+        return (f"{r['label']:28s} {r['route']:10s} {r['gflops']:6.1f} GFLOP/s ({100 * r['share_of_gemm']:.0f}% of "
+                f"the GEMM's {r['gemm_bf16_gflops']:.0f}; products {100 * r['products_share_of_gemm']:.0f}%)"
+                f"  {shares}  (counting {100 * r['counting_cost']:+.1f}%)")
 
     cpu, results = run_shapes(args.shapes, args.flush_mib,
                               lambda shape, flush: measure(kernel, shape, args.calls, args.products, flush), summary)

@@ -1,9 +1,12 @@
 """What the benchmarks share: the grouped bar chart they write as PNG, the CPU they ran on (the package's own
-probe, which `python -m vllm_pfa.check` reports too), the FLOPs of a causal prefill, and the warm-up before timing."""
+probe, which `python -m vllm_pfa.check` reports too), the FLOPs of a causal prefill, the GEMM their limits time, and
+the warm-up before timing."""
 
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from vllm_pfa.check_env import cpu_info  # noqa: F401  (re-exported for the benchmarks)
 
@@ -12,6 +15,15 @@ def causal_flops(heads: int, head_dim: int, q_lens: list[int], kv_lens: list[int
     """QK^T and PV over the kept (bottom-right causal) pairs: 4 * N * D per pair."""
     pairs = sum(aq * akv - aq * (aq - 1) // 2 for aq, akv in zip(q_lens, kv_lens))
     return 4.0 * heads * head_dim * pairs
+
+
+GEMM_N = 2048
+
+
+def gemm_call(dtype: torch.dtype, n: int = GEMM_N) -> tuple[Callable[[], torch.Tensor], int]:
+    """torch.matmul of two n x n matrices (oneDNN/MKL) and its FLOPs."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return (lambda: a @ b), 2 * n ** 3
 
 
 # Where the products run through oneDNN's brgemm (AMX), each thread generates a kernel per product shape the first

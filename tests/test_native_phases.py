@@ -65,5 +65,7 @@ def test_kernel_phases_report(tmp_path):
     for r in report["results"]:
         assert list(r["shares"])[:len(PHASES)] == PHASES
         assert all(r["shares"][phase] > 0 for phase in PHASES) and r["gflops"] > 0, r
+        assert r["gemm_bf16_gflops"] > 0 and r["share_of_gemm"] == pytest.approx(r["gflops"] / r["gemm_bf16_gflops"])
+        assert r["products_gflops"] == pytest.approx(r["gflops"] / (r["shares"]["scores"] + r["shares"]["values"]))
         assert abs(sum(r["shares"].values()) - 1) < 1e-9 and r["shares"]["other (scheduling, waiting, setup)"] >= 0
     assert (tmp_path / "kernel_phases.png").stat().st_size > 0
