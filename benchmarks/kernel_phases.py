@@ -80,7 +80,7 @@ def measure(kernel, shape: dict, calls: int, products: str, flush: torch.Tensor)
                 totals.update(counted)
     gemm_times.append(gemm_seconds())
     if totals[CALL] == 0:
-        raise SystemExit("the kernel counted nothing: this build has no phase counters")
+        raise SystemExit(f"the kernel counted no cycles on {shape_label(shape)}")
     shares = {name: cycles / totals[CALL] for name, cycles in totals.items() if name != CALL}
     shares[OTHER] = 1 - sum(shares.values())
     gflops = causal_flops(heads, dim, [seq], [seq]) / statistics.median(times[False]) / 1e9
@@ -106,6 +106,9 @@ def main() -> None:
     kernel = native_kernel.extension()
     if kernel is None:
         raise SystemExit("the native kernel is not available here (not built, or this CPU lacks AVX-512)")
+    if not hasattr(kernel, "phase_cycles"):
+        raise SystemExit("this build of vllm_pfa._C predates the phase counters: rebuild it "
+                         "(python setup.py build_ext --inplace)")
     args.out.mkdir(parents=True, exist_ok=True)
 
     def summary(r: dict) -> str:
