@@ -47,6 +47,7 @@ class Lap {
     cycles_[phase] += now - mark_;
     mark_ = now;
   }
+  bool on() const { return on_; }
   // The cycles since construction times `threads`, charged to kCall (the call's own clock).
   void call_ends(int64_t threads) {
     if (on_) cycles_[kCall] += (__rdtsc() - mark_) * static_cast<uint64_t>(threads);

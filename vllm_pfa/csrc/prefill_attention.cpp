@@ -1212,7 +1212,9 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const bool matrix = p.products != Products::kFloat32;
   struct CallClock {  // the call's thread time, for the phase counters (charged when the call returns)
     phases::Lap lap;
-    ~CallClock() { lap.call_ends(at::get_num_threads()); }
+    ~CallClock() {
+      if (lap.on()) lap.call_ends(at::get_num_threads());  // the thread count asked only when counting
+    }
   } call_clock;
   const int64_t group = heads / kv_heads;
   const int64_t positions_per_block = std::max<int64_t>(1, kRowsPerQueryBlock / group);
