@@ -56,7 +56,7 @@ def test_phases_are_counted_when_on_and_change_nothing(dtype, heads, kv_heads, p
 def test_kernel_phases_report(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "kernel_phases.py"), "--shapes", "4,2,64,256,bf16",
-         "8,8,32,128,fp32", "--calls", "3", "--out", str(tmp_path)],
+         "8,8,32,128,fp32", "--calls", "3", "--after-gemm", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -68,4 +68,10 @@ def test_kernel_phases_report(tmp_path):
         assert r["gemm_bf16_gflops"] > 0 and r["share_of_gemm"] == pytest.approx(r["gflops"] / r["gemm_bf16_gflops"])
         assert r["products_gflops"] == pytest.approx(r["gflops"] / (r["shares"]["scores"] + r["shares"]["values"]))
         assert abs(sum(r["shares"].values()) - 1) < 1e-9 and r["shares"]["other (scheduling, waiting, setup)"] >= 0
-    assert (tmp_path / "kernel_phases.png").stat().st_size > 0
+        after = r["after_gemm"]  # the calls right after the GEMM, against the counted calls after the write
+        assert list(after["cycle_ratios"]) == [*PHASES, "call_thread_cycles"] and after["time_ratio"] > 0, after
+        assert all(after["cycle_ratios"][name] == pytest.approx(after["cycles"][name] / r["cycles"][name])
+                   for name in after["cycle_ratios"]), after
+    assert report["after_gemm"] is True
+    for png in ("kernel_phases.png", "kernel_phases_after_gemm.png"):
+        assert (tmp_path / png).stat().st_size > 0, png
