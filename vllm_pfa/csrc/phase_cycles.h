@@ -47,10 +47,11 @@ class Lap {
     cycles_[phase] += now - mark_;
     mark_ = now;
   }
-  bool on() const { return on_; }
-  // The cycles since construction times `threads`, charged to kCall (the call's own clock).
-  void call_ends(int64_t threads) {
-    if (on_) cycles_[kCall] += (__rdtsc() - mark_) * static_cast<uint64_t>(threads);
+  // The cycles since construction times the thread count, charged to kCall (the call's own clock). The count is a
+  // callable, asked only when counting (an OpenMP query per call otherwise; this header does not include ATen).
+  template <typename ThreadCount>
+  void call_ends(ThreadCount threads) {
+    if (on_) cycles_[kCall] += (__rdtsc() - mark_) * static_cast<uint64_t>(threads());
   }
 
  private:

@@ -1213,7 +1213,7 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   struct CallClock {  // the call's thread time, for the phase counters (charged when the call returns)
     phases::Lap lap;
     ~CallClock() {
-      if (lap.on()) lap.call_ends(at::get_num_threads());  // the thread count asked only when counting
+      lap.call_ends([] { return at::get_num_threads(); });
     }
   } call_clock;
   const int64_t group = heads / kv_heads;
