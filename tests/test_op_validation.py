@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pfa_cases import make_qkv
-from vllm_pfa.ops import compressed_causal_mask, npu_prompt_flash_attention, npu_trans_quant_param
+from vllm_pfa.ops import api, compressed_causal_mask, npu_prompt_flash_attention, npu_trans_quant_param
 
 MASK = compressed_causal_mask()
 
@@ -224,3 +225,43 @@ def test_integer_lengths_tensors_and_tuples_are_accepted():
         actual = npu_prompt_flash_attention(q, k, v, actual_seq_lengths=form([3, 5]),
                                             actual_seq_lengths_kv=form([7, 2]), **kw)
         torch.testing.assert_close(actual, expected)
+
+
+def _counting_validate(monkeypatch) -> list:
+    calls = []
+    real = api.validate
+    monkeypatch.setattr(api, "validate", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    return calls
+
+
+CAUSAL_CALL = dict(num_heads=4, num_key_value_heads=2, input_layout="BSND", sparse_mode=3, atten_mask=MASK)
+
+
+def test_public_call_validates_once(monkeypatch):
+    """The op's implementation takes the problem the public function validated for the same arguments; the op
+    called directly validates its own."""
+    calls = _counting_validate(monkeypatch)
+    q, k, v = make_qkv("BSND", 2, 4, 2, 8, 8, 16, torch.float32)
+    out = npu_prompt_flash_attention(q, k, v, actual_seq_lengths=torch.tensor([8, 5]), **CAUSAL_CALL)
+    assert len(calls) == 1
+    direct = torch.ops.vllm_pfa.npu_prompt_flash_attention(q, k, v, actual_seq_lengths=[8, 5], **CAUSAL_CALL)
+    assert len(calls) == 2
+    torch.testing.assert_close(out, direct, rtol=0, atol=0)
+    assert api._handoff.call is None
+
+
+class _ChangesKvHeads(TorchDispatchMode):
+    """A dispatch mode that calls the op with other arguments than the public function validated."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.ops.vllm_pfa.npu_prompt_flash_attention.default:
+            kwargs["num_key_value_heads"] = 3
+        return func(*args, **kwargs)
+
+
+def test_op_validates_arguments_a_dispatch_mode_changed():
+    q, k, v = make_qkv("BSND", 2, 4, 2, 8, 8, 16, torch.float32)
+    with _ChangesKvHeads(), pytest.raises(ValueError, match=r"num_key_value_heads = 3 is invalid: key/value N axis is 2"):
+        npu_prompt_flash_attention(q, k, v, **CAUSAL_CALL)
+    assert api._handoff.call is None

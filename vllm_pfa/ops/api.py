@@ -8,18 +8,27 @@ inputs and the exact reference for int8. The op has a fake implementation, so it
 
 import importlib
 import inspect
+import threading
 from collections.abc import Sequence
 
 import torch
 
 from vllm_pfa.ops import fast_path
 from vllm_pfa.ops.reference import reference_prompt_flash_attention
-from vllm_pfa.ops.validation import lengths_list, validate
+from vllm_pfa.ops.validation import PFAProblem, lengths_list, validate
 
 OP_NAME = "vllm_pfa::npu_prompt_flash_attention"
 DEFAULT_PRE_TOKENS = 2147483647  # torch_npu registers this; the spec's prototype line (2147473647) is a typo
 
 IntList = Sequence[int] | torch.Tensor | None
+
+# The public function validates first (torch_npu's argument rules, before the dispatcher converts what it is given),
+# then calls the op, whose implementation must validate what it is given, as it may be called directly. When
+# the op receives exactly the arguments the public function validated (the same tensors, equal values), the problem
+# found first is handed over instead of validated twice: 12-18 us a call, 14-16% of a call at S=8
+# (benchmarks/kernel_performance.md, "Where S=512 loses to its surroundings"). Per thread: calls on other threads
+# never see it.
+_handoff = threading.local()
 
 
 def runs_on_npu(query: torch.Tensor) -> bool:
@@ -61,15 +70,36 @@ def npu_prompt_flash_attention(
     )
     on_npu = isinstance(query, torch.Tensor) and runs_on_npu(query)
     if not on_npu:
-        # Checked here too: the dispatcher would reject ill-typed arguments with its own, less precise message.
-        validate(query, key, value, **kwargs)
+        # Checked here: the dispatcher would reject ill-typed arguments with its own, less precise message, and
+        # accept some that torch_npu's binding rejects (bools for ints).
+        problem = validate(query, key, value, **kwargs)
     # torch_npu and the op's schema take int lists; torch_npu checks its own arguments' devices.
     for name in ("actual_seq_lengths", "actual_seq_lengths_kv"):
         kwargs[name] = lengths_list(name, kwargs[name], None if on_npu else query.device)
     if on_npu:
         torch_npu = importlib.import_module("torch_npu")
         return torch_npu.npu_prompt_flash_attention(query, key, value, **kwargs)
-    return torch.ops.vllm_pfa.npu_prompt_flash_attention(query, key, value, **kwargs)
+    if torch.compiler.is_compiling():  # the graph calls the op on its own at run time: nothing to hand over
+        return torch.ops.vllm_pfa.npu_prompt_flash_attention(query, key, value, **kwargs)
+    _handoff.call = (query, key, value, kwargs, problem)
+    try:
+        return torch.ops.vllm_pfa.npu_prompt_flash_attention(query, key, value, **kwargs)
+    finally:
+        _handoff.call = None
+
+
+def _handed_over(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict) -> PFAProblem | None:
+    """The problem the public function validated, if these are its arguments (a dispatch mode may pass others)."""
+    call = getattr(_handoff, "call", None)
+    if call is None or call[0] is not query or call[1] is not key or call[2] is not value:
+        return None
+    validated = call[3]
+    for name, given in kwargs.items():
+        other = validated[name]
+        if other is not given and (isinstance(other, torch.Tensor) or isinstance(given, torch.Tensor)
+                                   or other != given):
+            return None
+    return call[4]
 
 
 def _prompt_flash_attention_impl(
@@ -98,7 +128,7 @@ def _prompt_flash_attention_impl(
     """The op's CPU (and any non-NPU) implementation; its signature is the op's schema."""
     kwargs = dict(locals())
     del kwargs["query"], kwargs["key"], kwargs["value"]
-    problem = validate(query, key, value, **kwargs)
+    problem = _handed_over(query, key, value, kwargs) or validate(query, key, value, **kwargs)
     if query.numel() == 0:
         return query.new_empty(problem.out_shape, dtype=problem.out_dtype)
     if fast_path.handles(query, quant_scale2):
