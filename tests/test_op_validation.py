@@ -1,5 +1,6 @@
 """Every documented constraint of the operator, each answered with an error naming parameter, value and rule."""
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -110,6 +111,21 @@ CASES = {
     "pre_tokens type": (dict(pre_tokens=1.0), TypeError, ["pre_tokens", "must be an int"]),
     "next_tokens range": (dict(next_tokens=2**64), ValueError, ["next_tokens"]),
     "scale type": (dict(scale_value="1"), TypeError, ["scale_value", "must be a float"]),
+    # Forms the dispatcher converts for torch_npu that only a mistake passes (validation.py, "the argument forms").
+    "num_heads bool": (dict(num_heads=True), TypeError, ["num_heads = True", "must be an int"]),
+    "num_heads numpy bool": (dict(num_heads=np.bool_(True)), TypeError, ["num_heads = np.True_", "must be an int"]),
+    "num_heads bool tensor": (dict(num_heads=torch.tensor(True)), TypeError, ["num_heads = tensor(True)"]),
+    "num_heads float tensor": (dict(num_heads=torch.tensor(4.0)), TypeError, ["num_heads = tensor(4.)"]),
+    "num_heads numpy float": (dict(num_heads=np.float32(4)), TypeError, ["num_heads = np.float32(4.0)"]),
+    "num_heads 1-D tensor": (dict(num_heads=torch.tensor([4])), TypeError, ["num_heads = tensor([4])"]),
+    "num_heads numpy array": (dict(num_heads=np.array(4)), TypeError, ["num_heads = array(4)", "must be an int"]),
+    "scale bool": (dict(scale_value=True), TypeError, ["scale_value = True", "must be a float"]),
+    "scale numpy bool": (dict(scale_value=np.bool_(True)), TypeError, ["scale_value = np.True_", "must be a float"]),
+    "scale bool tensor": (dict(scale_value=torch.tensor(True)), TypeError, ["scale_value = tensor(True)"]),
+    "scale complex": (dict(scale_value=0.5 + 0j), TypeError, ["scale_value = (0.5+0j)", "must be a float"]),
+    "scale tensor needing grad": (dict(scale_value=torch.tensor(0.5, requires_grad=True)), TypeError,
+                                  ["scale_value = tensor(0.5000, requires_grad=True)", "must be a float"]),
+    "scale 1-D tensor": (dict(scale_value=torch.tensor([0.5])), TypeError, ["scale_value", "must be a float"]),
     "int8 needs scales": (dict(tensors=Q8), ValueError,
                           ["deq_scale1 = None", "needs deq_scale1, quant_scale1 and deq_scale2"]),
     "int8 needs quant_scale1": (dict(tensors=Q8, **{**_int8_scales(), "quant_scale1": None}), ValueError,
@@ -175,7 +191,9 @@ CASES = {
        for name in ("actual_seq_lengths", "actual_seq_lengths_kv")
        for label, value in [("int", 3), ("float", 3.0), ("dict", {0: 3}), ("str", "3"), ("bool tensor",
                             torch.tensor([True])), ("0-d tensor", torch.tensor(3)), ("2-D tensor",
-                            torch.tensor([[3]])), ("complex tensor", torch.tensor([3 + 0j]))]},
+                            torch.tensor([[3]])), ("complex tensor", torch.tensor([3 + 0j])), ("2-D array",
+                            np.array([[3]])), ("bool array", np.array([True])), ("float array", np.array([3.0])),
+                            ("0-d array", np.array(3))]},
     "actual lengths bool element": (dict(actual_seq_lengths=[True]), TypeError,
                                     ["actual_seq_lengths[0] = True", "must be an int"]),
     "padding_mask str": (dict(padding_mask="x"), TypeError, ["padding_mask = str", "must be a torch.Tensor"]),
@@ -265,3 +283,35 @@ def test_op_validates_arguments_a_dispatch_mode_changed():
     with _ChangesKvHeads(), pytest.raises(ValueError, match=r"num_key_value_heads = 3 is invalid: key/value N axis is 2"):
         npu_prompt_flash_attention(q, k, v, **CAUSAL_CALL)
     assert api._handoff.call is None
+
+
+ARGUMENT_FORMS = {
+    # What the dispatcher converts for torch_npu to the number it holds (validation.py, "the argument forms").
+    "num_heads numpy": dict(num_heads=np.int64(4)),
+    "num_heads 0-d tensor": dict(num_heads=torch.tensor(4)),
+    "kv heads numpy": dict(num_key_value_heads=np.int32(2)),
+    "sparse_mode numpy": dict(sparse_mode=np.uint8(3)),
+    "next_tokens 0-d tensor": dict(next_tokens=torch.tensor(0, dtype=torch.int16)),
+    "lengths numpy elements": dict(actual_seq_lengths=[np.int64(8), np.int32(5)]),
+    "lengths 0-d tensor elements": dict(actual_seq_lengths=(torch.tensor(8), torch.tensor(5))),
+    "lengths numpy array": dict(actual_seq_lengths=np.array([8, 5], dtype=np.int32)),
+    "scale numpy float32": dict(scale_value=np.float32(0.25)),
+    "scale numpy float16": dict(scale_value=np.float16(0.25)),
+    "scale 0-d bf16 tensor": dict(scale_value=torch.tensor(0.25, dtype=torch.bfloat16)),
+    "scale int": dict(scale_value=1, expected_scale=1.0),
+    "scale numpy int": dict(scale_value=np.int64(2), expected_scale=2.0),
+    "scale 0-d int tensor": dict(scale_value=torch.tensor(2), expected_scale=2.0),
+}
+
+
+@pytest.mark.parametrize("call", ["public function", "dispatcher"])
+@pytest.mark.parametrize("form", sorted(ARGUMENT_FORMS))
+def test_argument_forms_torch_npu_takes(form, call):
+    """Each gives the output of the plain int or float it stands for, through the public function and through the
+    dispatcher (our op has torch_npu's schema, so this is how torch_npu's function converts it)."""
+    q, k, v = make_qkv("BSND", 2, 4, 2, 8, 8, 16, torch.float32)
+    given = dict(ARGUMENT_FORMS[form])
+    plain = {**CAUSAL_CALL, "actual_seq_lengths": [8, 5], "scale_value": given.pop("expected_scale", 0.25)}
+    expected = npu_prompt_flash_attention(q, k, v, **plain)
+    function = npu_prompt_flash_attention if call == "public function" else torch.ops.vllm_pfa.npu_prompt_flash_attention
+    torch.testing.assert_close(function(q, k, v, **{**plain, **given}), expected, rtol=0, atol=0)

@@ -74,6 +74,14 @@ def test_public_signature_is_torch_npus():
     assert _signature_parameters(inspect.signature(npu_prompt_flash_attention)) == expected
 
 
+def test_torch_npus_function_is_the_dispatchers_op():
+    """torch_npu exports `torch.ops.npu.<op>` as `torch_npu.<op>`: its arguments are converted by the dispatcher, whose
+    conversions the operator follows (vllm_pfa/ops/validation.py, "the argument forms"; tests/test_op_validation.py)."""
+    source = torch_npu_wheel.wheel_file(torch_npu_wheel.EXPORTS).read_text()
+    assert re.search(r"for name in dir\(torch\.ops\.npu\):\n(?:.*\n){0,4}?\s+globals_dict\[name\] = "
+                     r"getattr\(torch\.ops\.npu, name\)", source), "torch_npu no longer exports torch.ops.npu's ops"
+
+
 def _case(layout: str, dtype: torch.dtype, quant_output: bool) -> tuple[tuple[torch.Tensor, ...], dict]:
     """A valid call: GQA 4/2 heads, Sq 8, Skv 12, D 32, with the scales an int8 query needs."""
     q, k, v = make_qkv(layout, 2, 4, 2, 8, 12, 32, dtype)

@@ -3,7 +3,7 @@ once from the package index, pinned by version and sha256, the few files read he
 `.cache/`.
 
 The wheel cannot be imported without CANN, but its files can be read: the schemas torch_npu registers for its
-`npu::` ops (the op-plugin's codegen yaml), the `atb::` schemas its ATB extension registers (strings in
+`npu::` ops (the op-plugin's codegen yaml), how it exports them (`torch_npu.<op>` is `torch.ops.npu.<op>`), the `atb::` schemas its ATB extension registers (strings in
 `libop_plugin_atb.so`; torch_npu puts those ops on the module too, e.g. `torch_npu._npu_paged_attention`), and the
 meta functions that give the ops' output shapes under fake tensors.
 """
@@ -29,6 +29,8 @@ CACHE = Path(__file__).resolve().parent.parent / ".cache" / "torch-npu"
 SCHEMAS = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
 ATB_LIBRARY = "torch_npu/lib/libop_plugin_atb.so"
 META = "torch_npu/op_plugin/meta/_meta_registrations.py"
+EXPORTS = "torch_npu/_init/core/_exports.py"  # what torch_npu.<op> is
+FILES = (SCHEMAS, ATB_LIBRARY, META, EXPORTS)
 # The meta module defines some functions twice, under this test and in its else branch (torch 2.x, ours).
 TORCH_2_1_TEST = "'2.1.' in torch.__version__"
 
@@ -50,13 +52,14 @@ def _download(target: Path) -> Path:
 
 
 def wheel_file(member: str) -> Path:
-    """One of the wheel's files (SCHEMAS, ATB_LIBRARY, META), fetching and extracting them if needed."""
+    """One of the wheel's FILES, fetching and extracting them if needed."""
     def unpack(wheel: Path) -> None:
         with zipfile.ZipFile(wheel) as archive:
-            for name in (SCHEMAS, ATB_LIBRARY, META):
+            for name in FILES:
                 archive.extract(name, CACHE)
 
-    fetch_once(CACHE, VERSION, SHA256, _download, unpack, Unavailable)
+    # The key names the file count, so a cache extracted before a file joined FILES is extracted again.
+    fetch_once(CACHE, f"{VERSION}-{len(FILES)}-files", SHA256, _download, unpack, Unavailable)
     return CACHE / member
 
 

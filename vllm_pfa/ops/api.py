@@ -22,12 +22,11 @@ DEFAULT_PRE_TOKENS = 2147483647  # torch_npu registers this; the spec's prototyp
 
 IntList = Sequence[int] | torch.Tensor | None
 
-# The public function validates first (torch_npu's argument rules, before the dispatcher converts what it is given),
-# then calls the op, whose implementation must validate what it is given, as it may be called directly. When
-# the op receives exactly the arguments the public function validated (the same tensors, equal values), the problem
-# found first is handed over instead of validated twice: 12-18 us a call, 14-16% of a call at S=8
-# (benchmarks/kernel_performance.md, "Where S=512 loses to its surroundings"). Per thread: calls on other threads
-# never see it.
+# The public function validates first (before the dispatcher converts what it is given), then calls the op, whose
+# implementation must validate what it is given, as it may be called directly. When the op receives exactly the
+# arguments the public function validated (the same tensors, equal values), the problem found first is handed over
+# instead of validated twice: 12-18 us a call, 14-16% of a call at S=8 (benchmarks/kernel_performance.md, "Where
+# S=512 loses to its surroundings"). Per thread: calls on other threads never see it.
 _handoff = threading.local()
 
 
@@ -70,8 +69,8 @@ def npu_prompt_flash_attention(
     )
     on_npu = isinstance(query, torch.Tensor) and runs_on_npu(query)
     if not on_npu:
-        # Checked here: the dispatcher would reject ill-typed arguments with its own, less precise message, and
-        # accept some that torch_npu's binding rejects (bools for ints).
+        # Checked before the dispatcher: it refuses ill-typed arguments with a less precise message, and converts
+        # some that are refused here (bools for ints; validation.py, "the argument forms").
         problem = validate(query, key, value, **kwargs)
     # torch_npu and the op's schema take int lists; torch_npu checks its own arguments' devices.
     for name in ("actual_seq_lengths", "actual_seq_lengths_kv"):

@@ -8,8 +8,19 @@ Every tensor argument must be on the query's device: a tensor elsewhere (a `meta
 would make the dispatcher pick another kernel than the query's. Under `torch.compile`, int arguments may arrive as
 `torch.SymInt` (Dynamo makes an int that changed between calls symbolic): they are accepted, and the range checks
 on them install guards, so a later value outside the range recompiles and is rejected there.
+
+The argument forms. torch_npu (2.10) exports `torch.ops.npu.<op>` as `torch_npu.<op>`, so on an NPU the dispatcher
+converts the arguments: an int takes an int, a numpy integer or a 0-d integer tensor, a float any real number or 0-d
+integer or floating point tensor, an int list a list or tuple of ints or a 1-D integer numpy array; all are taken
+here too, as the number they hold. What only a mistake passes, the dispatcher converts as well (silently, but for a
+warning on a tensor needing grad), and it is refused here: bools (as 1 or 0: alone, in a list, in an array or a
+tensor), floats and float tensors for an int (truncated), tensors and arrays of one element but more dimensions,
+bytes for a str, a tensor needing grad for a float. Lengths also take 1-D integer tensors (made lists before
+torch_npu).
 """
 
+import numbers
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -93,15 +104,43 @@ def _check_tensor(name: str, tensor: object, allowed_dtypes: Sequence[torch.dtyp
         raise fail(name, _describe(tensor), "non-contiguous tensors are not supported")
 
 
+def _zero_dim_tensor(value: object, kinds: str) -> bool:
+    """A 0-d tensor whose dtype is of one of `kinds` ("i": integer, "f": floating point), holding a value."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 0 or value.is_meta or value.requires_grad:
+        return False
+    if value.dtype == torch.bool or value.is_complex():
+        return False
+    return ("f" if value.is_floating_point() else "i") in kinds
+
+
 def _check_int(name: str, value: object, low: int = INT64_MIN, high: int = INT64_MAX) -> int | torch.SymInt:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise fail(name, repr(value), "must be an int", TypeError)
+    """An int argument: an int, a numpy integer or a 0-d integer tensor, returned as an int (the argument forms)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        if not _zero_dim_tensor(value, "i"):
+            raise fail(name, repr(value), "must be an int", TypeError)
+    if not isinstance(value, (int, torch.SymInt)):
+        value = int(value)
     if not low <= value <= high:  # on a SymInt: a guard
         raise fail(name, value, f"must be in [{low}, {high}]")
     return value
 
 
-_LENGTHS_RULE = "must be None, a list or tuple of ints, or a 1-D integer tensor"
+def _check_float(name: str, value: object) -> float | torch.SymFloat:
+    """A float argument: a real number (numpy integers and floats included) or a 0-d integer or floating point
+    tensor, never a bool; returned as a float (the argument forms)."""
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return value
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or _zero_dim_tensor(value, "if")):
+        raise fail(name, repr(value), "must be a float", TypeError)
+    return float(value)
+
+
+_LENGTHS_RULE = "must be None, a list or tuple of ints, or a 1-D integer tensor or numpy array"
+
+
+def _numpy_array(value: object) -> bool:
+    numpy = sys.modules.get("numpy")  # torch runs without numpy; where it is not imported, no array exists
+    return numpy is not None and isinstance(value, numpy.ndarray)
 
 
 def lengths_list(name: str, lengths: object, device: torch.device | None) -> list | None:
@@ -109,6 +148,8 @@ def lengths_list(name: str, lengths: object, device: torch.device | None) -> lis
     `device` (any device when None)."""
     if lengths is None or isinstance(lengths, (list, tuple)):
         return None if lengths is None else list(lengths)
+    if _numpy_array(lengths) and lengths.ndim == 1 and lengths.dtype.kind in "iu":
+        return lengths.tolist()
     if not isinstance(lengths, torch.Tensor):
         raise fail(name, repr(lengths), _LENGTHS_RULE, TypeError)
     integral = not (lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool)
@@ -332,16 +373,15 @@ def validate(
         raise fail("input_layout", repr(input_layout), "must be a str", TypeError)
     if input_layout not in LAYOUTS:
         raise fail("input_layout", repr(input_layout), f"must be one of {list(LAYOUTS)}")
-    _check_int("num_heads", num_heads, 1, MAX_HEADS)
-    _check_int("num_key_value_heads", num_key_value_heads, 0, MAX_HEADS)
-    _check_int("pre_tokens", pre_tokens)
-    _check_int("next_tokens", next_tokens)
-    _check_int("sparse_mode", sparse_mode)
+    num_heads = _check_int("num_heads", num_heads, 1, MAX_HEADS)
+    num_key_value_heads = _check_int("num_key_value_heads", num_key_value_heads, 0, MAX_HEADS)
+    pre_tokens = _check_int("pre_tokens", pre_tokens)
+    next_tokens = _check_int("next_tokens", next_tokens)
+    sparse_mode = _check_int("sparse_mode", sparse_mode)
     if sparse_mode not in SPARSE_MODES:
         mode = _concrete(sparse_mode)
         raise fail("sparse_mode", mode, f"sparse_mode = {mode} is out of range (supported: 0..4)")
-    if isinstance(scale_value, bool) or not isinstance(scale_value, (int, float, torch.SymInt, torch.SymFloat)):
-        raise fail("scale_value", repr(scale_value), "must be a float", TypeError)
+    scale_value = _check_float("scale_value", scale_value)
     batch, kv_heads, q_seq, kv_seq, head_dim = _check_qkv(
         query, key, value, input_layout, num_heads, num_key_value_heads
     )
