@@ -144,8 +144,8 @@ def _numpy_array(value: object) -> bool:
 
 
 def lengths_list(name: str, lengths: object, device: torch.device | None) -> list | None:
-    """actual_seq_lengths(_kv) as a list (elements unchecked): None, a list/tuple, or a 1-D integer tensor on
-    `device` (any device when None)."""
+    """actual_seq_lengths(_kv) as a list (elements unchecked): None, a list/tuple, a 1-D integer numpy array, or a
+    1-D integer tensor on `device` (any device when None)."""
     if lengths is None or isinstance(lengths, (list, tuple)):
         return None if lengths is None else list(lengths)
     if _numpy_array(lengths) and lengths.ndim == 1 and lengths.dtype.kind in "iu":
