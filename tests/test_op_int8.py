@@ -31,6 +31,30 @@ def test_trans_quant_param_packs_like_torch_npu():
     assert with_offset.view(torch.int64).item() == (_f32_bits(0.5) & 0xFFFFE000) | ((-3 & 0x1FF) << 37) | (1 << 46)
 
 
+def _low_word(packed: torch.Tensor) -> torch.Tensor:
+    return packed.view(torch.int64) & 0xFFFFFFFF
+
+
+def test_trans_quant_param_round_mode():
+    """round_mode 1 rounds a scale to its top 19 bits (a 10-bit mantissa) to nearest, ties to even, which in float16's
+    normal range is float16's own rounding; 0 (the default) and None truncate."""
+    torch.manual_seed(0)
+    ties = [1 + 2**-11, 1 + 3 * 2**-11, -(1 + 3 * 2**-11), 1 + 2**-11 + 2**-23]
+    scales = torch.cat([torch.exp2(torch.empty(4000).uniform_(-14, 15)), torch.tensor(ties)])
+    float16_rounded = scales.half().float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal(_low_word(npu_trans_quant_param(scales, round_mode=1)), float16_rounded)
+    truncated = scales.view(torch.int32).to(torch.int64) & 0xFFFFE000
+    for mode in ({}, {"round_mode": 0}, {"round_mode": None}):
+        assert torch.equal(_low_word(npu_trans_quant_param(scales, **mode)), truncated)
+    largest = torch.tensor([torch.finfo(torch.float32).max, float("inf"), float("nan")])
+    words = _low_word(npu_trans_quant_param(largest, None, 1)).tolist()
+    assert words[:2] == [0x7F800000, 0x7F800000] and words[2] == _f32_bits(float("nan")) & 0xFFFFE000
+    with pytest.raises(ValueError, match=r"round_mode = 2 is invalid: must be 0 .* or 1"):
+        npu_trans_quant_param(scales, round_mode=2)
+    with pytest.raises(TypeError, match=r"round_mode = True is invalid: must be an int"):
+        npu_trans_quant_param(scales, round_mode=True)
+
+
 def transcription(q, k, v, scale, deq1, qs1, deq2, causal, qs2=None, qo2=None):
     """BNSD int8, one element at a time:
     S = fp16(int32(QK) * deq1) * scale; P8 = rne(exp(S - max) * qs1); O = fp16(int32(P8 V) * deq2) / sum."""

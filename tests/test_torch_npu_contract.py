@@ -67,11 +67,12 @@ def test_op_schema_is_torch_npus():
     assert _printed(ours) == _printed(theirs)
 
 
-def test_public_signature_is_torch_npus():
-    """Names, order, keyword-only after `value` and defaults; the types are wider on purpose (lengths may be tensors,
-    as the spec allows) and the op's schema test covers what reaches the op."""
-    expected = _schema_parameters(torch_npu_wheel.registered_schema(PFA))
-    assert _signature_parameters(inspect.signature(npu_prompt_flash_attention)) == expected
+@pytest.mark.parametrize("function", [npu_prompt_flash_attention, npu_trans_quant_param], ids=lambda f: f.__name__)
+def test_public_signature_is_torch_npus(function):
+    """Names, order, keyword-only arguments and defaults; the types are wider on purpose (lengths may be tensors, as
+    the spec allows) and the op's schema test covers what reaches the op."""
+    expected = _schema_parameters(torch_npu_wheel.registered_schema(function.__name__))
+    assert _signature_parameters(inspect.signature(function)) == expected
 
 
 def test_torch_npus_function_is_the_dispatchers_op():

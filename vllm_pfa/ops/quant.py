@@ -2,15 +2,30 @@
 
 import torch
 
-_SCALE_BITS = 0xFFFFE000  # the mantissa bits the NPU keeps of a float32 dequant scale
+from vllm_pfa.ops.validation import check_int, fail
+
+_SCALE_BITS = 0xFFFFE000  # the bits the NPU keeps of a float32 dequant scale: sign, exponent, 10 mantissa bits
+_DROPPED_BITS = 13
 _OFFSET_SHIFT = 37  # a 9-bit signed offset sits at bits [37, 46)
 _FORMAT_FLAG = 1 << 46
 
 
-def npu_trans_quant_param(scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
-    """Packs float32 dequant scales (and optional int offsets) into uint64, as torch_npu.npu_trans_quant_param does."""
-    bits = scale.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & _SCALE_BITS
-    packed = bits | _FORMAT_FLAG
+def npu_trans_quant_param(scale: torch.Tensor, offset: torch.Tensor | None = None,
+                          round_mode: int | None = 0) -> torch.Tensor:
+    """Packs float32 dequant scales (and optional int offsets) into uint64, as torch_npu.npu_trans_quant_param does:
+    a scale keeps its top 19 bits, truncated (round_mode 0, or None) or rounded to nearest, ties to even (1), as
+    CANN's aclnnTransQuantParamV3 documents."""
+    mode = 0 if round_mode is None else check_int("round_mode", round_mode)
+    if mode not in (0, 1):
+        raise fail("round_mode", mode, "must be 0 (truncate to 19 bits) or 1 (round to nearest, ties to even)")
+    scale32 = scale.to(torch.float32).contiguous()
+    bits = scale32.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    if mode == 1:  # half of the dropped bits' unit, less one unless the kept last bit is odd: ties go to even
+        rounded = bits + ((1 << (_DROPPED_BITS - 1)) - 1) + ((bits >> _DROPPED_BITS) & 1)
+        # NaN and inf, which CANN's documentation excludes, are truncated in both modes (rounding could carry a NaN
+        # out of the sign bit)
+        bits = torch.where(torch.isfinite(scale32), rounded, bits)
+    packed = (bits & _SCALE_BITS) | _FORMAT_FLAG
     if offset is not None:
         offset9 = torch.round(offset.to(torch.float32)).clamp(-256, 255).to(torch.int64) & 0x1FF
         packed = packed | (offset9 << _OFFSET_SHIFT)

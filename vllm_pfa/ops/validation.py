@@ -113,7 +113,7 @@ def _zero_dim_tensor(value: object, kinds: str) -> bool:
     return ("f" if value.is_floating_point() else "i") in kinds
 
 
-def _check_int(name: str, value: object, low: int = INT64_MIN, high: int = INT64_MAX) -> int | torch.SymInt:
+def check_int(name: str, value: object, low: int = INT64_MIN, high: int = INT64_MAX) -> int | torch.SymInt:
     """An int argument: an int, a numpy integer or a 0-d integer tensor, returned as an int (the argument forms)."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
         if not _zero_dim_tensor(value, "i"):
@@ -170,7 +170,7 @@ def _actual_lengths(name: str, lengths: object, device: torch.device, batch: int
         return (seq,) * batch
     if len(lengths) != 1 and len(lengths) < batch:
         raise fail(f"len({name})", len(lengths), f"must be 1 or >= B = {batch}")
-    values = [_check_int(f"{name}[{i}]", v) for i, v in enumerate(lengths)]
+    values = [check_int(f"{name}[{i}]", v) for i, v in enumerate(lengths)]
     for i, value in enumerate(values[:batch]):
         if not 0 <= value <= seq:
             raise fail(f"{name}[{i}]", value, f"must be in [0, {seq_name} = {_concrete(seq)}]")
@@ -222,8 +222,8 @@ def check_heads(num_heads: int, kv_heads: int, head_dim: int, layout: str) -> No
     """The spec's limits on a layer's head configuration (`kv_heads` resolved: 0 already means num_heads). The
     operator checks them per call; the backends at start-up, with their per-rank heads, since on an NPU the
     operator hands its arguments to torch_npu unchecked."""
-    _check_int("num_heads", num_heads, 1, MAX_HEADS)
-    _check_int("num_key_value_heads", kv_heads, 1, MAX_HEADS)
+    check_int("num_heads", num_heads, 1, MAX_HEADS)
+    check_int("num_key_value_heads", kv_heads, 1, MAX_HEADS)
     if num_heads % kv_heads:
         raise fail(
             "num_key_value_heads", kv_heads,
@@ -373,11 +373,11 @@ def validate(
         raise fail("input_layout", repr(input_layout), "must be a str", TypeError)
     if input_layout not in LAYOUTS:
         raise fail("input_layout", repr(input_layout), f"must be one of {list(LAYOUTS)}")
-    num_heads = _check_int("num_heads", num_heads, 1, MAX_HEADS)
-    num_key_value_heads = _check_int("num_key_value_heads", num_key_value_heads, 0, MAX_HEADS)
-    pre_tokens = _check_int("pre_tokens", pre_tokens)
-    next_tokens = _check_int("next_tokens", next_tokens)
-    sparse_mode = _check_int("sparse_mode", sparse_mode)
+    num_heads = check_int("num_heads", num_heads, 1, MAX_HEADS)
+    num_key_value_heads = check_int("num_key_value_heads", num_key_value_heads, 0, MAX_HEADS)
+    pre_tokens = check_int("pre_tokens", pre_tokens)
+    next_tokens = check_int("next_tokens", next_tokens)
+    sparse_mode = check_int("sparse_mode", sparse_mode)
     if sparse_mode not in SPARSE_MODES:
         mode = _concrete(sparse_mode)
         raise fail("sparse_mode", mode, f"sparse_mode = {mode} is out of range (supported: 0..4)")
