@@ -10,6 +10,7 @@ import importlib
 import inspect
 import threading
 from collections.abc import Sequence
+from typing import Union
 
 import torch
 
@@ -20,7 +21,8 @@ from vllm_pfa.ops.validation import PFAProblem, lengths_list, validate
 OP_NAME = "vllm_pfa::npu_prompt_flash_attention"
 DEFAULT_PRE_TOKENS = 2147483647  # torch_npu registers this; the spec's prototype line (2147473647) is a typo
 
-IntList = Sequence[int] | torch.Tensor | None
+# numpy, optional beside torch, named as a forward reference: where it is not installed no array is passed
+IntList = Union[Sequence[int], torch.Tensor, "numpy.ndarray", None]
 
 # The public function validates first (before the dispatcher converts what it is given), then calls the op, whose
 # implementation must validate what it is given, as it may be called directly. When the op receives exactly the
