@@ -115,10 +115,9 @@ def _zero_dim_tensor(value: object, kinds: str) -> bool:
 
 def check_int(name: str, value: object, low: int = INT64_MIN, high: int = INT64_MAX) -> int | torch.SymInt:
     """An int argument: an int, a numpy integer or a 0-d integer tensor, returned as an int (the argument forms)."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
-        if not _zero_dim_tensor(value, "i"):
+    if type(value) is not int and not isinstance(value, torch.SymInt):  # plain ints skip the ABC checks (per call)
+        if isinstance(value, bool) or not (isinstance(value, numbers.Integral) or _zero_dim_tensor(value, "i")):
             raise fail(name, repr(value), "must be an int", TypeError)
-    if not isinstance(value, (int, torch.SymInt)):
         value = int(value)
     if not low <= value <= high:  # on a SymInt: a guard
         raise fail(name, value, f"must be in [{low}, {high}]")
@@ -128,7 +127,7 @@ def check_int(name: str, value: object, low: int = INT64_MIN, high: int = INT64_
 def _check_float(name: str, value: object) -> float | torch.SymFloat:
     """A float argument: a real number (numpy integers and floats included) or a 0-d integer or floating point
     tensor, never a bool; returned as a float (the argument forms)."""
-    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+    if type(value) is float or isinstance(value, (torch.SymFloat, torch.SymInt)):
         return value
     if isinstance(value, bool) or not (isinstance(value, numbers.Real) or _zero_dim_tensor(value, "if")):
         raise fail(name, repr(value), "must be a float", TypeError)
