@@ -280,7 +280,8 @@ class _ChangesKvHeads(TorchDispatchMode):
 
 def test_op_validates_arguments_a_dispatch_mode_changed():
     q, k, v = make_qkv("BSND", 2, 4, 2, 8, 8, 16, torch.float32)
-    with _ChangesKvHeads(), pytest.raises(ValueError, match=r"num_key_value_heads = 3 is invalid: key/value N axis is 2"):
+    message = r"num_key_value_heads = 3 is invalid: key/value N axis is 2"
+    with _ChangesKvHeads(), pytest.raises(ValueError, match=message):
         npu_prompt_flash_attention(q, k, v, **CAUSAL_CALL)
     assert api._handoff.call is None
 
@@ -313,5 +314,6 @@ def test_argument_forms_torch_npu_takes(form, call):
     given = dict(ARGUMENT_FORMS[form])
     plain = {**CAUSAL_CALL, "actual_seq_lengths": [8, 5], "scale_value": given.pop("expected_scale", 0.25)}
     expected = npu_prompt_flash_attention(q, k, v, **plain)
-    function = npu_prompt_flash_attention if call == "public function" else torch.ops.vllm_pfa.npu_prompt_flash_attention
+    function = (npu_prompt_flash_attention if call == "public function"
+                else torch.ops.vllm_pfa.npu_prompt_flash_attention)
     torch.testing.assert_close(function(q, k, v, **{**plain, **given}), expected, rtol=0, atol=0)

@@ -3,9 +3,10 @@ once from the package index, pinned by version and sha256, the few files read he
 `.cache/`.
 
 The wheel cannot be imported without CANN, but its files can be read: the schemas torch_npu registers for its
-`npu::` ops (the op-plugin's codegen yaml), how it exports them (`torch_npu.<op>` is `torch.ops.npu.<op>`), the `atb::` schemas its ATB extension registers (strings in
-`libop_plugin_atb.so`; torch_npu puts those ops on the module too, e.g. `torch_npu._npu_paged_attention`), and the
-meta functions that give the ops' output shapes under fake tensors.
+`npu::` ops (the op-plugin's codegen yaml), how it exports them (`torch_npu.<op>` is `torch.ops.npu.<op>`), the
+`atb::` schemas its ATB extension registers (strings in `libop_plugin_atb.so`; torch_npu puts those ops on the module
+too, e.g. `torch_npu._npu_paged_attention`), and the meta functions that give the ops' output shapes under fake
+tensors.
 """
 
 import ast

@@ -42,7 +42,8 @@ ENGINE_TIMEOUT_S = {True: 900, False: 3600}  # per engine, quick and full
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vllm_pfa.check", description=__doc__.splitlines()[0].rstrip(":") + ".",
+    parser = argparse.ArgumentParser(prog="python -m vllm_pfa.check",
+                                     description=__doc__.splitlines()[0].rstrip(":") + ".",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[4:]))
     parser.add_argument("--model", default=DEFAULT_MODEL,

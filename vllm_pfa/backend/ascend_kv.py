@@ -142,7 +142,8 @@ def key_value_rows(indices: CallIndices, geometry: CacheGeometry, block_table: t
         return rows
     positions = indices.kv_positions
     blocks = block_table[indices.kv_requests, torch.div(positions, geometry.block_size, rounding_mode="floor")]
-    token_rows = blocks.to(torch.long) * geometry.block_stride + (positions % geometry.block_size) * geometry.token_stride
+    token_rows = (blocks.to(torch.long) * geometry.block_stride
+                  + (positions % geometry.block_size) * geometry.token_stride)
     if geometry.rows_per_token > 1:  # one row per head
         heads = torch.arange(geometry.rows_per_token, device=positions.device) * geometry.head_stride
         token_rows = (token_rows[:, None] + heads[None]).reshape(-1)

@@ -74,7 +74,9 @@ template <typename Element>
 void copy_block(const Element* src, int64_t block_size, int64_t head, int64_t tokens, bool transposed, Element* dst,
                 int64_t dst_token_stride) {
   if (!transposed) {
-    for (int64_t t = 0; t < tokens; ++t) std::memcpy(dst + t * dst_token_stride, src + t * head, head * sizeof(Element));
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::memcpy(dst + t * dst_token_stride, src + t * head, head * sizeof(Element));
+    }
     return;
   }
   if constexpr (sizeof(Element) == 2) {
