@@ -59,4 +59,6 @@ def test_contract(vllm_ascend_source, stack):
     assert re.fullmatch(r"\d+ passed(, \d+ warnings?)? in .*", summary), \
         f"every contract test must run and pass: {summary}\n{proc.stdout[-8000:]}"
     if "warning" in summary:  # not a failed contract, but shown in this run's warnings summary, with its text
-        warnings.warn(f"the {stack} contract run warned: {proc.stdout[proc.stdout.find('warnings summary'):][-4000:]}")
+        # the section alone: the durations or short summary after it would push its text out of a tail
+        section = proc.stdout[proc.stdout.find("warnings summary"):].split("\n=", 1)[0]
+        warnings.warn(f"the {stack} contract run warned: {section[:4000]}")
