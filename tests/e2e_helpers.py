@@ -11,11 +11,14 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import openai
 
 from vllm_pfa.scenarios import MAX_MODEL_LEN, MAX_NUM_BATCHED_TOKENS
+
+from side_by_side import cores, side_by_side
 
 VLLM = str(Path(sys.executable).parent / "vllm")
 GENERATE = Path(__file__).parent / "e2e" / "generate.py"
@@ -24,14 +27,40 @@ SCENARIO_SERVE_ARGS = ("--dtype", "float32", "--gpu-memory-utilization", "0.3", 
                        "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS), "--enforce-eager", "--seed", "0")
 
 
-def generate(tmp_path: Path, backend: str, *args: str) -> dict:
-    """The JSON that generate.py writes for `backend` and `args`, run in a fresh process (its own engine)."""
-    fd, out = tempfile.mkstemp(dir=tmp_path, prefix=f"{backend}-", suffix=".json")
-    os.close(fd)
-    proc = subprocess.run([sys.executable, str(GENERATE), backend, out, *args],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(Path(out).read_text())
+BACKENDS = ("PFA", "CPU_ATTN")
+_RUNS: dict[tuple, dict[str, dict]] = {}  # per test session: (script, args, backends) -> results
+
+
+def run_backends(tmp_path: Path, script: Path, *args: str, backends: Sequence[str] = BACKENDS) -> dict[str, dict]:
+    """{backend: the JSON that `script BACKEND OUT.json args` writes}, each backend's engine in a fresh process.
+
+    The processes run side by side (tests/side_by_side.py), each engine's threads bound to a core of its own
+    (VLLM_CPU_OMP_THREADS_BIND); where there are fewer cores than backends they run one after the other on all
+    cores. Tests that compare these results with an engine on all cores (the served ones) check on the way that the
+    thread count changes no token. The same run asked for again in this session (test modules that compare with the
+    same reference) is answered from the first instead of starting the same engines again."""
+    key = (script, args, tuple(backends))
+    if key not in _RUNS:
+        available = cores()
+        bound = len(available) >= len(backends)
+
+        def run(index: int, backend: str) -> dict:
+            fd, out = tempfile.mkstemp(dir=tmp_path, prefix=f"{backend}-", suffix=".json")
+            os.close(fd)
+            env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(available[index])) if bound else None
+            proc = subprocess.run([sys.executable, str(script), backend, out, *args], capture_output=True,
+                                  text=True, timeout=900, env=env)
+            assert proc.returncode == 0, (backend, proc.stderr[-4000:])
+            return json.loads(Path(out).read_text())
+
+        with side_by_side({backend: partial(run, index, backend) for index, backend in enumerate(backends)}) as runs:
+            _RUNS[key] = dict(runs)
+    return _RUNS[key]
+
+
+def generate(tmp_path: Path, *args: str, backends: Sequence[str] = BACKENDS) -> dict[str, dict]:
+    """{backend: the JSON that generate.py writes for it and `args`} (run_backends)."""
+    return run_backends(tmp_path, GENERATE, *args, backends=backends)
 
 
 def free_port() -> int:

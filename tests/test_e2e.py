@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def offline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("offline")
-    return {backend: generate(tmp, backend) for backend in ("PFA", "CPU_ATTN")}
+    return generate(tmp)
 
 
 def test_offline_greedy_tokens_match_default_backend(offline):
@@ -40,8 +40,7 @@ def test_offline_prefill_went_through_pfa(offline):
 def test_speculative_decoding_verification_rows_stay_off_pfa(tmp_path):
     """n-gram speculation: the same greedy tokens as CPU_ATTN; every verification row (1 + k query tokens) went to
     CPU_ATTN's kernel, so PFA computed exactly the prompts' tokens once per layer and nothing more."""
-    runs = {backend: generate(tmp_path, backend, "--speculative", "--run", "speculative")
-            for backend in ("PFA", "CPU_ATTN")}
+    runs = generate(tmp_path, "--speculative", "--run", "speculative")
     pfa, default = runs["PFA"]["speculative"], runs["CPU_ATTN"]["speculative"]
     assert pfa["tokens"] == default["tokens"]
     assert pfa["draft_tokens"] > 0, "the proposer drafted nothing: no verification step ran"
@@ -56,7 +55,7 @@ def test_kv_sharing_model_matches_default_backend(tmp_path):
     """Gemma-3n (built locally, random weights) whose last 2 of 4 layers reuse earlier layers' K/V
     (`attn(q, None, None)`): the same greedy tokens as CPU_ATTN on every scenario; the sharing layers' prefills went
     through PFA, reading every token of their sequences from the shared cache."""
-    runs = {backend: generate(tmp_path, backend, "--model", "gemma3n_kv_shared") for backend in ("PFA", "CPU_ATTN")}
+    runs = generate(tmp_path, "--model", "gemma3n_kv_shared")
     assert runs["PFA"]["tokens"] == runs["CPU_ATTN"]["tokens"]
     stats = runs["PFA"]["stats"]
     per_layer = stats["prefill_tokens"] // 4

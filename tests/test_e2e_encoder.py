@@ -1,9 +1,6 @@
 """End to end, encoder-only: a BERT embedding model (bidirectional attention, no KV cache) embedded offline with
 `LLM.embed` and served with `vllm serve --runner pooling`, PFA against CPU_ATTN, in fp32."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,25 +9,16 @@ import torch
 from vllm_pfa.model_builder import build_model
 from vllm_pfa.scenarios import EMBED_INPUTS
 
-from e2e_helpers import logged_prefill_tokens, vllm_server
+from e2e_helpers import logged_prefill_tokens, run_backends, vllm_server
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
 MIN_COSINE = 0.99999
 
 
-def _embed(backend: str, tmp_path: Path) -> dict:
-    out = tmp_path / f"{backend}.json"
-    proc = subprocess.run([sys.executable, str(HERE / "e2e" / "embed.py"), backend, str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
-
-
 @pytest.fixture(scope="module")
 def offline(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("embed")
-    return {backend: _embed(backend, tmp) for backend in ("PFA", "CPU_ATTN")}
+    return run_backends(tmp_path_factory.mktemp("embed"), HERE / "e2e" / "embed.py")
 
 
 def _cosines(actual: list[list[float]], expected: list[list[float]]) -> list[float]:

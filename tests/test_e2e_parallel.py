@@ -86,7 +86,7 @@ def _prefill_tokens_per_process(log: str) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def cpu_attn_tokens(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("dp"), "CPU_ATTN")["tokens"]
+    return generate(tmp_path_factory.mktemp("dp"))["CPU_ATTN"]["tokens"]  # test_e2e.py's reference, where it ran
 
 
 def test_data_parallel_serve_answers_through_pfa_on_both_engines(tmp_path, cpu_attn_tokens):

@@ -11,26 +11,23 @@ import pytest
 from vllm_pfa.model_builder import build_model
 from vllm_pfa.scenarios import CHAT_MAX_TOKENS, CHAT_MODEL, CHAT_WAVES, chat_conversations
 
-from e2e_helpers import generate, logged_prefill_tokens, vllm_server
+from e2e_helpers import BACKENDS, generate, logged_prefill_tokens, vllm_server
 
 pytestmark = pytest.mark.slow
-BACKENDS = ("PFA", "CPU_ATTN")
 MASK_SIZE = 2048  # the side of the compressed causal mask that PFA calls take
 
 
 @pytest.fixture(scope="module")
 def float32(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("float32")
-    return {backend: generate(tmp, backend, "--model", CHAT_MODEL, "--run", "chat", "--run", "prompt_logprobs")
-            for backend in BACKENDS}
+    return generate(tmp, "--model", CHAT_MODEL, "--run", "chat", "--run", "prompt_logprobs")
 
 
 @pytest.fixture(scope="module")
 def bfloat16_prompt_logprobs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bfloat16")
-    return {backend: generate(tmp, backend, "--model", CHAT_MODEL, "--dtype", "bfloat16",
-                              "--run", "prompt_logprobs")["prompt_logprobs"]
-            for backend in BACKENDS}
+    runs = generate(tmp, "--model", CHAT_MODEL, "--dtype", "bfloat16", "--run", "prompt_logprobs")
+    return {backend: run["prompt_logprobs"] for backend, run in runs.items()}
 
 
 def test_greedy_chat_answers_match_default_backend(float32):
