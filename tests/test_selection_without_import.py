@@ -7,10 +7,13 @@ the offline `LLM` path, which parses `attention_config` before vLLM loads genera
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 
 from vllm_pfa.model_builder import build_model
+
+from side_by_side import side_by_side
 
 PARSE = """
 from vllm import LLM  # platform detection runs vLLM's platform plugins
@@ -36,17 +39,24 @@ def _run(code: str, *args: str, env: dict | None = None, timeout: int = 120) -> 
                           env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("plugins", [None, "pfa"])
-def test_attention_config_parses_pfa_without_import(plugins):
-    env = {} if plugins is None else {"VLLM_PLUGINS": plugins}
-    proc = _run(PARSE, env=env)
+@pytest.fixture(scope="module")
+def parses():
+    """PARSE with VLLM_PLUGINS unset, "pfa" and another plugin's name, side by side (tests/side_by_side.py)."""
+    plugins = {"unset": {}, "pfa": {"VLLM_PLUGINS": "pfa"}, "other": {"VLLM_PLUGINS": "some_other_plugin"}}
+    with side_by_side({name: partial(_run, PARSE, env=env) for name, env in plugins.items()}) as results:
+        yield results
+
+
+@pytest.mark.parametrize("plugins", ["unset", "pfa"])
+def test_attention_config_parses_pfa_without_import(parses, plugins):
+    proc = parses[plugins]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "parsed PFA vllm_pfa.backend.pfa_attn.PFAAttentionBackend" in proc.stdout
 
 
-def test_plugins_switched_off_leave_pfa_unknown():
+def test_plugins_switched_off_leave_pfa_unknown(parses):
     """The name comes from the plugin entry point, nothing else: with our plugins excluded it is unknown."""
-    proc = _run(PARSE, env={"VLLM_PLUGINS": "some_other_plugin"})
+    proc = parses["other"]
     assert proc.returncode != 0 and "PFA" in proc.stderr
 
 
