@@ -28,21 +28,21 @@ SCENARIO_SERVE_ARGS = ("--dtype", "float32", "--gpu-memory-utilization", "0.3", 
 
 
 BACKENDS = ("PFA", "CPU_ATTN")
-_RUNS: dict[tuple, dict[str, dict]] = {}  # per test session: (script, args, backends) -> results
+_RUNS: dict[tuple, dict[str, dict]] = {}  # per test session: (script, args) -> results
 
 
-def run_backends(tmp_path: Path, script: Path, *args: str, backends: Sequence[str] = BACKENDS) -> dict[str, dict]:
-    """{backend: the JSON that `script BACKEND OUT.json args` writes}, each backend's engine in a fresh process.
+def run_backends(tmp_path: Path, script: Path, *args: str) -> dict[str, dict]:
+    """{backend: the JSON that `script BACKEND OUT.json args` writes} for BACKENDS, each engine in a fresh process.
 
     The processes run side by side (tests/side_by_side.py), each engine's threads bound to a core of its own
     (VLLM_CPU_OMP_THREADS_BIND); where there are fewer cores than backends they run one after the other on all
     cores. Tests that compare these results with an engine on all cores (the served ones) check on the way that the
     thread count changes no token. The same run asked for again in this session (test modules that compare with the
     same reference) is answered from the first instead of starting the same engines again."""
-    key = (script, args, tuple(backends))
+    key = (script, args)
     if key not in _RUNS:
         available = cores()
-        bound = len(available) >= len(backends)
+        bound = len(available) >= len(BACKENDS)
 
         def run(index: int, backend: str) -> dict:
             fd, out = tempfile.mkstemp(dir=tmp_path, prefix=f"{backend}-", suffix=".json")
@@ -53,14 +53,14 @@ def run_backends(tmp_path: Path, script: Path, *args: str, backends: Sequence[st
             assert proc.returncode == 0, (backend, proc.stderr[-4000:])
             return json.loads(Path(out).read_text())
 
-        with side_by_side({backend: partial(run, index, backend) for index, backend in enumerate(backends)}) as runs:
+        with side_by_side({backend: partial(run, index, backend) for index, backend in enumerate(BACKENDS)}) as runs:
             _RUNS[key] = dict(runs)
     return _RUNS[key]
 
 
-def generate(tmp_path: Path, *args: str, backends: Sequence[str] = BACKENDS) -> dict[str, dict]:
+def generate(tmp_path: Path, *args: str) -> dict[str, dict]:
     """{backend: the JSON that generate.py writes for it and `args`} (run_backends)."""
-    return run_backends(tmp_path, GENERATE, *args, backends=backends)
+    return run_backends(tmp_path, GENERATE, *args)
 
 
 def free_port() -> int:
