@@ -17,6 +17,7 @@ out, as the report says.
 import argparse
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -44,16 +45,21 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def timeit_interleaved(calls: dict, min_rounds: int = 3, min_seconds: float = 3.0, max_rounds: int = 20) -> dict:
     """Median seconds of each call, the calls taken in turn (one of each per round) so that they share the
     machine's state: on shared cloud CPUs one build's rate on one shape moved by up to ~25% between runs seconds
-    apart, which back-to-back blocks of one call each would turn into a ratio."""
+    apart, which back-to-back blocks of one call each would turn into a ratio. Each round takes the calls in an
+    order of its own (seeded), so which call precedes which varies from round to round: a call runs slower after
+    some calls than after others (measured at MHA D64 S=512: the operator right after vLLM's kernel, fp16 131-139
+    GFLOP/s, against 149 after SDPA; the backend's call the same way), which a fixed order charges to one of them."""
     for fn in calls.values():
         warm_up(fn)
     times: dict = {name: [] for name in calls}
+    order, shuffle = list(calls), random.Random(0).shuffle
     start, rounds = time.perf_counter(), 0
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < min_seconds):
-        for name, fn in calls.items():
+        for name in order:
             t0 = time.perf_counter()
-            fn()
+            calls[name]()
             times[name].append(time.perf_counter() - t0)
+        shuffle(order)
         rounds += 1
     return {name: statistics.median(samples) for name, samples in times.items()}
 
