@@ -8,6 +8,7 @@ baseline is the copy without an edit, and `--control` adds a second, unedited co
 
     python benchmarks/ab_builds.py --variant kb256 'kKeyBlock = 512;' 'kKeyBlock = 256;' --control
     python benchmarks/ab_builds.py --variant NAME PATTERN REPLACEMENT [--variant ...] [--shapes 32,32,64,512,bf16 ...]
+    python benchmarks/ab_builds.py --variant ... --after-gemm    # each call right after a bf16 GEMM
 
 PATTERN is a regular expression that must match the source (else the variant would time the baseline again).
 Every build's output is checked against the baseline's on each shape (the same bits, or within 2e-2), so a variant
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from torch.utils.cpp_extension import load
 
-from plotting import causal_flops, cpu_info, grouped_bars, warm_up
+from plotting import causal_flops, cpu_info, gemm_call, grouped_bars, warm_up
 
 CSRC = Path(__file__).resolve().parent.parent / "vllm_pfa" / "csrc"
 KERNEL_SOURCE = "prefill_attention.cpp"
@@ -83,8 +84,9 @@ def causal_call(module, q, k, v, out, scale: float) -> None:
                              [seq], [seq], [-seq - 1], [0], scale, "auto")
 
 
-def compare(shape: dict, modules: dict, rounds: int, flush: torch.Tensor) -> dict:
-    """Median GFLOP/s of each build and the median of its paired time ratios against the first (the baseline)."""
+def compare(shape: dict, modules: dict, rounds: int, before_call: Callable[[int], object]) -> dict:
+    """Median GFLOP/s of each build and the median of its paired time ratios against the first (the baseline);
+    `before_call(round)` runs before every call (untimed)."""
     heads, kv_heads, dim, seq = (shape[k] for k in ("heads", "kv_heads", "dim", "seq"))
     dtype = DTYPES[shape["dtype"]]
     flops = causal_flops(heads, dim, [seq], [seq])
@@ -96,7 +98,7 @@ def compare(shape: dict, modules: dict, rounds: int, flush: torch.Tensor) -> dic
         q, k, v = (torch.randn(1, seq, n, dim).to(dtype) for n in (heads, kv_heads, kv_heads))
         outs = {}
         for name in names if i % 2 == 0 else names[::-1]:
-            flush.fill_(i & 0xFF)
+            before_call(i)
             out = torch.empty(1, seq, heads, dim, dtype=dtype)  # fresh, as vLLM's layer allocates it
             start = time.perf_counter()
             causal_call(modules[name], q, k, v, out, 1 / math.sqrt(dim))
@@ -147,6 +149,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--flush-mib", type=int, default=DEFAULT_FLUSH_MIB,
                         help="MiB written between calls (how cold the next call finds the caches)")
+    parser.add_argument("--after-gemm", action="store_true",
+                        help="a bf16 GEMM (torch.matmul 2048^3) before every call instead of the write, as a layer's "
+                             "projection precedes attention: the state where this VM's software prefetches may not "
+                             "work (benchmarks/kernel_performance.md)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -167,9 +173,15 @@ def main() -> None:
         rates = " ".join(f"{name} {g:.1f}" for name, g in r["gflops"].items())
         return f"{r['label']:28s} GFLOP/s: {rates}   vs baseline: {ratios}"
 
-    cpu, results = run_shapes(args.shapes, args.flush_mib,
-                              lambda shape, flush: compare(shape, modules, args.rounds, flush), summary)
-    report = dict(cpu=cpu, threads=torch.get_num_threads(), rounds=args.rounds, flush_mib=args.flush_mib,
+    gemm = gemm_call(torch.bfloat16)[0] if args.after_gemm else None
+
+    def measure(shape: dict, flush: torch.Tensor) -> dict:
+        before_call = (lambda i: gemm()) if gemm else (lambda i: flush.fill_(i & 0xFF))
+        return compare(shape, modules, args.rounds, before_call)
+
+    cpu, results = run_shapes(args.shapes, 0 if args.after_gemm else args.flush_mib, measure, summary)
+    report = dict(cpu=cpu, threads=torch.get_num_threads(), rounds=args.rounds,
+                  flush_mib=None if args.after_gemm else args.flush_mib, after_gemm=args.after_gemm,
                   variants={name: dict(pattern=p, replacement=r) for name, p, r in args.variant},
                   control=args.control, results=results)
     (args.out / "ab_builds.json").write_text(json.dumps(report, indent=1))
