@@ -34,6 +34,7 @@ except ModuleNotFoundError as exc:  # vLLM itself missing; a vLLM that is presen
         raise
     ops = None
 
+from kernel_phases import measure as measure_phases
 from plotting import GEMM_N, causal_flops, cpu_info, gemm_call, grouped_bars, warm_up
 from vllm_pfa.ops import compressed_causal_mask, native_kernel, npu_prompt_flash_attention
 from vllm_pfa.ops import reference_npu_prompt_flash_attention
@@ -81,6 +82,20 @@ def measure_limits() -> dict:
             (("bf16", torch.bfloat16), ("fp32", torch.float32))}
     gemm["fp16"] = gemm_gflops(torch.float16, n=1024)  # smaller: CPUs without fp16 instructions crawl here
     return dict(gemm=gemm, fma=kernel.fp32_fma_peak_gflops(1.0) if kernel else None)
+
+
+def after_gemm_state(kernel) -> dict | None:
+    """How this process's kernel reads its inputs right after a bf16 GEMM (bf16 MHA D64 S=512, the kernel's phase
+    counters): on this project's VMs a process may be in a state, for its whole life, where the software prefetches
+    the packing relies on do not work after a GEMM (benchmarks/kernel_performance.md); its packing then takes ~2-3x
+    the cycles it takes after a plain write (~1-1.8x elsewhere), and its D64 S=512 rows and fp16 ratios read lower.
+    Recorded so a run says which state it ran in; None without the kernel's counters."""
+    if kernel is None or not hasattr(kernel, "phase_cycles"):
+        return None
+    shape = dict(heads=32, kv_heads=32, dim=64, seq=512, dtype="bf16")
+    r = measure_phases(kernel, shape, 12, "auto", torch.empty(4 << 20, dtype=torch.uint8), after_gemm=True)
+    return dict(shape=r["label"], packing_cycles_after_gemm_vs_write=r["after_gemm"]["cycle_ratios"]["packing"],
+                call_time_after_gemm_vs_write=r["after_gemm"]["time_ratio"])
 
 
 def reference_limits(measurements: list[dict]) -> dict:
@@ -236,6 +251,12 @@ def main() -> None:
         print("vLLM is not installed: its CPU kernel is not measured, and the PFA / kernel ratios are left out")
     print("measuring the limits (again after the shapes) ...", file=sys.stderr, flush=True)
     measurements = [measure_limits()]
+    state = after_gemm_state(kernel)
+    if state:
+        print(f"this process right after a bf16 GEMM ({state['shape']}): the kernel's packing x"
+              f"{state['packing_cycles_after_gemm_vs_write']:.2f} its cycles after a write, the call x"
+              f"{state['call_time_after_gemm_vs_write']:.2f} (x2-3: software prefetches not working after a GEMM in "
+              f"this process; benchmarks/kernel_performance.md)")
     results = []
     print(f"{'shape':44s} {'PFA':>8s} {'kernel':>8s} {'SDPA':>8s} {'ref':>8s}  PFA/kernel  PFA/SDPA (GFLOP/s)")
     for i, shape in enumerate(all_shapes, 1):
@@ -281,7 +302,8 @@ def main() -> None:
               f"{100 * r['pfa_backend_call_share_of_limit']:4.0f}% / {100 * r['pfa_alone_share_of_limit']:4.0f}% "
               f"of {limit_name} ({limit:.0f} GFLOP/s); {in_rounds}")
     summary = dict(gemm_gflops=gemm, limits=limits, native_products=products, native_products_routes=routes,
-                   cpu=cpu, threads=torch.get_num_threads(), torch=torch.__version__, vllm_installed=ops is not None)
+                   cpu=cpu, threads=torch.get_num_threads(), torch=torch.__version__, vllm_installed=ops is not None,
+                   after_gemm_state=state)
     if ops is not None:
         ratios = [r["ratio_pfa_vs_kernel"] for r in results]
         by_dtype = {name: statistics.geometric_mean([r["ratio_pfa_vs_kernel"] for r in results if r["dtype"] == name])

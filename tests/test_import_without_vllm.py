@@ -77,6 +77,8 @@ assert {{"pfa", "sdpa", "pfa_alone", "reference"}} <= set(row["gflops"]), row["g
 assert "vllm_cpu_kernel" not in row["gflops"] and "ratio_pfa_vs_kernel" not in row, row
 assert row["ratio_pfa_vs_sdpa"] > 0 and row["pfa_share_of_limit"] > 0
 assert report["summary"]["vllm_installed"] is False and "min_ratio_pfa_vs_kernel" not in report["summary"]
+state = report["summary"]["after_gemm_state"]
+assert state is None or state["packing_cycles_after_gemm_vs_write"] > 0, state
 assert Path("{tmp_path}", "bench_op.png").stat().st_size > 0
 assert not any(name == "vllm" or name.startswith("vllm.") for name in sys.modules), "vllm was imported"
 """)
