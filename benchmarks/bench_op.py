@@ -88,7 +88,8 @@ def after_gemm_state(kernel) -> dict | None:
     """How this process's kernel reads its inputs right after a bf16 GEMM (bf16 MHA D64 S=512, the kernel's phase
     counters): on this project's VMs a process may be in a state, for its whole life, where the software prefetches
     the packing relies on do not work after a GEMM (benchmarks/kernel_performance.md); its packing then takes ~2-3x
-    the cycles it takes after a plain write (~1-1.8x elsewhere), and its D64 S=512 rows and fp16 ratios read lower.
+    the cycles it takes after a plain write and the call ~1.1-1.2x the time (1.0-1.05x in other processes), and its
+    D64 S=512 rows and fp16 ratios read lower.
     Recorded so a run says which state it ran in; None without the kernel's counters."""
     if kernel is None or not hasattr(kernel, "phase_cycles"):
         return None
@@ -255,8 +256,8 @@ def main() -> None:
     if state:
         print(f"this process right after a bf16 GEMM ({state['shape']}): the kernel's packing x"
               f"{state['packing_cycles_after_gemm_vs_write']:.2f} its cycles after a write, the call x"
-              f"{state['call_time_after_gemm_vs_write']:.2f} (x2-3: software prefetches not working after a GEMM in "
-              f"this process; benchmarks/kernel_performance.md)")
+              f"{state['call_time_after_gemm_vs_write']:.2f} (a process whose software prefetches stop working "
+              f"after a GEMM: the packing ~x2-3, the call ~x1.1-1.2; benchmarks/kernel_performance.md)")
     results = []
     print(f"{'shape':44s} {'PFA':>8s} {'kernel':>8s} {'SDPA':>8s} {'ref':>8s}  PFA/kernel  PFA/SDPA (GFLOP/s)")
     for i, shape in enumerate(all_shapes, 1):
