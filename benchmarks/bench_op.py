@@ -84,17 +84,18 @@ def measure_limits() -> dict:
     return dict(gemm=gemm, fma=kernel.fp32_fma_peak_gflops(1.0) if kernel else None)
 
 
-def after_gemm_state(kernel) -> dict | None:
+def after_gemm_state(kernel, gemm: tuple) -> dict | None:
     """How this process's kernel reads its inputs right after a bf16 GEMM (bf16 MHA D64 S=512, the kernel's phase
-    counters): on this project's VMs a process may be in a state, for its whole life, where the software prefetches
-    the packing relies on do not work after a GEMM (benchmarks/kernel_performance.md); its packing then takes ~2-3x
-    the cycles it takes after a plain write and the call ~1.1-1.2x the time (1.0-1.05x in other processes), and its
-    D64 S=512 rows and fp16 ratios read lower.
+    counters), after `gemm`, the GEMM every shape's rounds time: on this project's VMs a GEMM may leave, depending on
+    where its operands lie, a state where the software prefetches the packing relies on do not work
+    (benchmarks/kernel_performance.md); the packing then takes ~2-3x the cycles it takes after a plain write and the
+    call ~1.1-1.2x the time (1.0-1.05x otherwise). One GEMM, its operands kept, for the whole run: one state
+    throughout, and in the slow one the D64 S=512 rows and the fp16 ratios read lower.
     Recorded so a run says which state it ran in; None without the kernel's counters."""
     if kernel is None or not hasattr(kernel, "phase_cycles"):
         return None
     shape = dict(heads=32, kv_heads=32, dim=64, seq=512, dtype="bf16")
-    r = measure_phases(kernel, shape, 12, "auto", torch.empty(4 << 20, dtype=torch.uint8), after_gemm=True)
+    r = measure_phases(kernel, shape, 12, "auto", torch.empty(4 << 20, dtype=torch.uint8), after_gemm=True, gemm=gemm)
     return dict(shape=r["label"], packing_cycles_after_gemm_vs_write=r["after_gemm"]["cycle_ratios"]["packing"],
                 call_time_after_gemm_vs_write=r["after_gemm"]["time_ratio"])
 
@@ -182,7 +183,7 @@ def shapes(quick: bool):
         yield dict(dtype=dtype, heads=32, kv_heads=8, dim=128, lens=[2048, 1000, 517, 130])
 
 
-def bench_shape(shape: dict, with_reference: bool) -> dict:
+def bench_shape(shape: dict, with_reference: bool, gemm: tuple) -> dict:
     dtype, heads, kv_heads, dim, lens = (shape[k] for k in ("dtype", "heads", "kv_heads", "dim", "lens"))
     torch.manual_seed(0)
     seq, batch = max(lens), len(lens)
@@ -201,10 +202,11 @@ def bench_shape(shape: dict, with_reference: bool) -> dict:
     if native_kernel.available():  # else the backend runs the operator itself: the "pfa" timing
         # after another kernel too, as the operator's call is: the Python work around the kernel runs cold there
         calls["pfa_backend_call"] = backend_call(q, k, v, lens, kwargs)
-    # The bf16 GEMM of the limits, timed in the same rounds: where the machine slows down during a shape (a busy
-    # neighbour on a shared host slowed every implementation of one shape by 10-25% in one run), the limits measured
-    # before and after the shapes do not, and the share read against them drops with the machine's speed
-    calls["gemm_bf16"], gemm_flops = gemm_call(torch.bfloat16)
+    # The bf16 GEMM of the limits (the run's one, `gemm`), timed in the same rounds: where the machine slows down
+    # during a shape (a busy neighbour on a shared host slowed every implementation of one shape by 10-25% in one
+    # run), the limits measured before and after the shapes do not, and the share read against them drops with the
+    # machine's speed
+    calls["gemm_bf16"], gemm_flops = gemm
     seconds = timeit_interleaved(calls)
     gemm_in_rounds = gemm_flops / seconds.pop("gemm_bf16") / 1e9
     # PFA's calls back to back too, as the limits are measured: the calls it alternates with above leave it slower
@@ -252,17 +254,18 @@ def main() -> None:
         print("vLLM is not installed: its CPU kernel is not measured, and the PFA / kernel ratios are left out")
     print("measuring the limits (again after the shapes) ...", file=sys.stderr, flush=True)
     measurements = [measure_limits()]
-    state = after_gemm_state(kernel)
+    gemm_in_rounds = gemm_call(torch.bfloat16)  # one for the run: the state it leaves depends on its operands
+    state = after_gemm_state(kernel, gemm_in_rounds)
     if state:
         print(f"this process right after a bf16 GEMM ({state['shape']}): the kernel's packing x"
               f"{state['packing_cycles_after_gemm_vs_write']:.2f} its cycles after a write, the call x"
-              f"{state['call_time_after_gemm_vs_write']:.2f} (a process whose software prefetches stop working "
-              f"after a GEMM: the packing ~x2-3, the call ~x1.1-1.2; benchmarks/kernel_performance.md)")
+              f"{state['call_time_after_gemm_vs_write']:.2f} (where the software prefetches stop working after "
+              f"this GEMM: the packing ~x2-3, the call ~x1.1-1.2; benchmarks/kernel_performance.md)")
     results = []
     print(f"{'shape':44s} {'PFA':>8s} {'kernel':>8s} {'SDPA':>8s} {'ref':>8s}  PFA/kernel  PFA/SDPA (GFLOP/s)")
     for i, shape in enumerate(all_shapes, 1):
         print(f"[{i}/{len(all_shapes)}] {label(shape)} ...", end="\r", file=sys.stderr, flush=True)
-        r = bench_shape(shape, with_reference=True)
+        r = bench_shape(shape, with_reference=True, gemm=gemm_in_rounds)
         results.append(r)
         g = r["gflops"]
         ref, kernel_rate = (f"{g[name]:8.1f}" if name in g else f"{'-':>8s}"

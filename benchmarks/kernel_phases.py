@@ -27,6 +27,7 @@ import math
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,10 +46,12 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(kernel, shape: dict, calls: int, products: str, flush: torch.Tensor, after_gemm: bool = False) -> dict:
+def measure(kernel, shape: dict, calls: int, products: str, flush: torch.Tensor, after_gemm: bool = False,
+            gemm: tuple[Callable[[], object], int] | None = None) -> dict:
     """The phases' shares of the counted calls' thread time, the uncounted calls' GFLOP/s and the products' (against
     a bf16 GEMM timed around them), and counting's cost; with `after_gemm`, each phase's cycles in calls right after
-    that GEMM over its cycles in the counted calls after the write."""
+    that GEMM over its cycles in the counted calls after the write. `gemm` (a call and its FLOPs) is that GEMM where
+    the caller has one: what state it leaves depends on where its operands lie (kernel_performance.md)."""
     heads, kv_heads, dim, seq = (shape[k] for k in ("heads", "kv_heads", "dim", "seq"))
     dtype = DTYPES[shape["dtype"]]
     scale = 1 / math.sqrt(dim)
@@ -63,7 +66,7 @@ def measure(kernel, shape: dict, calls: int, products: str, flush: torch.Tensor,
                                  [seq], [seq], [-seq - 1], [0], scale, products)
         return out
 
-    gemm, gemm_flops = gemm_call(torch.bfloat16)
+    gemm, gemm_flops = gemm or gemm_call(torch.bfloat16)
 
     def gemm_seconds() -> float:
         warm_up(gemm)
