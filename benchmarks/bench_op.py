@@ -254,8 +254,8 @@ def main() -> None:
         print("vLLM is not installed: its CPU kernel is not measured, and the PFA / kernel ratios are left out")
     print("measuring the limits (again after the shapes) ...", file=sys.stderr, flush=True)
     measurements = [measure_limits()]
-    gemm_in_rounds = gemm_call(torch.bfloat16)  # one for the run: the state it leaves depends on its operands
-    state = after_gemm_state(kernel, gemm_in_rounds)
+    run_gemm = gemm_call(torch.bfloat16)  # one for the run: the state it leaves depends on its operands
+    state = after_gemm_state(kernel, run_gemm)
     if state:
         print(f"this process right after a bf16 GEMM ({state['shape']}): the kernel's packing x"
               f"{state['packing_cycles_after_gemm_vs_write']:.2f} its cycles after a write, the call x"
@@ -265,7 +265,7 @@ def main() -> None:
     print(f"{'shape':44s} {'PFA':>8s} {'kernel':>8s} {'SDPA':>8s} {'ref':>8s}  PFA/kernel  PFA/SDPA (GFLOP/s)")
     for i, shape in enumerate(all_shapes, 1):
         print(f"[{i}/{len(all_shapes)}] {label(shape)} ...", end="\r", file=sys.stderr, flush=True)
-        r = bench_shape(shape, with_reference=True, gemm=gemm_in_rounds)
+        r = bench_shape(shape, with_reference=True, gemm=run_gemm)
         results.append(r)
         g = r["gflops"]
         ref, kernel_rate = (f"{g[name]:8.1f}" if name in g else f"{'-':>8s}"
