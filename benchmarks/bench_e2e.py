@@ -19,6 +19,11 @@ ratio measure the texts rather than the backends.
 `--random-input-len` / `--random-output-len` (it ignores `--input-len` / `--output-len`, with only a warning): each
 run checks the engine's reported prompt and output token totals against the workload and fails otherwise.
 
+Each run records the cores vLLM's CPU worker was bound to (`worker_cores`, from its log). With vLLM's default binding
+("auto") its executor reserves a core per local rank for the engine-core process, so on a 2-core machine the model runs
+on one thread: these figures are what vLLM's defaults give there (profile_backend.py's engine runs in-process, on
+every core).
+
     python benchmarks/bench_e2e.py [--quick] [--dtype bfloat16] [--out benchmarks/results]
 """
 
@@ -48,6 +53,8 @@ WORKLOADS = {
 SPECULATIVE_RUN = Path(__file__).parent / "speculative_run.py"
 THROUGHPUT = re.compile(r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s")
 TOTALS = re.compile(r"Total num prompt tokens:\s+(\d+)\s+Total num output tokens:\s+(\d+)")
+# vLLM's CPU executor logs its OpenMP binding, a line per local rank
+WORKER_CORES = re.compile(r"local_rank=0, core ids=\[([\d, ]*)\]")
 # The random dataset decodes random token ids to text and encodes it again, which may shift a prompt by a token
 PROMPT_TOKENS_TOLERANCE = 0.02
 
@@ -64,6 +71,12 @@ def check_totals(stdout: str, workload: dict) -> tuple[int, int]:
         raise RuntimeError(f"the engine ran {prompt_tokens} prompt / {output_tokens} output tokens, not the "
                            f"requested {want_prompt} / {want_output}: the benchmark did not run its workload")
     return prompt_tokens, output_tokens
+
+
+def worker_cores(output: str) -> list[int] | None:
+    """The cores vLLM's CPU worker (local rank 0) was bound to, from a run's log; None where it logged no binding."""
+    match = WORKER_CORES.search(output)
+    return None if match is None else [int(core) for core in match.group(1).split(",") if core.strip()]
 
 
 def _run_with_progress(cmd: list[str], backend: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -95,7 +108,7 @@ def run_speculative(backend: str, workload: dict, dtype: str) -> dict:
                            f"{run['draft_tokens']} drafted: the benchmark did not run its workload")
     output_s = run["output_tokens"] / run["seconds"]
     return dict(run, output_tokens_per_s=output_s, total_tokens_per_s=(run["output_tokens"] + run["prompt_tokens"])
-                / run["seconds"], wall_s=time.time() - start)
+                / run["seconds"], worker_cores=worker_cores(proc.stdout + proc.stderr), wall_s=time.time() - start)
 
 
 def run_bench(model: str, backend: str, workload: dict, dtype: str) -> dict:
@@ -114,7 +127,8 @@ def run_bench(model: str, backend: str, workload: dict, dtype: str) -> dict:
     requests_s, total_s, output_s = map(float, match.groups())
     prompt_tokens, output_tokens = check_totals(proc.stdout, workload)
     return dict(requests_per_s=requests_s, total_tokens_per_s=total_s, output_tokens_per_s=output_s,
-                prompt_tokens=prompt_tokens, output_tokens=output_tokens, wall_s=time.time() - start)
+                prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                worker_cores=worker_cores(proc.stdout + proc.stderr), wall_s=time.time() - start)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -148,7 +162,7 @@ def main() -> None:
         for backend in BACKENDS:
             results[name][backend] = r = run_bench(model, backend, workload, args.dtype)
             print(f"  {backend:9s} {r['total_tokens_per_s']:9.1f} total tok/s  {r['output_tokens_per_s']:8.1f} "
-                  f"output tok/s  ({r['wall_s']:.0f}s)", flush=True)
+                  f"output tok/s  ({r['wall_s']:.0f}s; worker cores {r['worker_cores']})", flush=True)
         if workload.get("speculative") and len({results[name][b]["tokens_sha256"] for b in BACKENDS}) != 1:
             raise RuntimeError("the speculative workload generated different tokens on the two backends: their "
                                "runs did different work")

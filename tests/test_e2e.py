@@ -1,10 +1,13 @@
 """End to end with real vLLM: offline LLM, a `vllm serve` process queried with the openai client, and
 `vllm bench throughput`, each on the embedded tiny model, PFA against the default CPU_ATTN backend."""
 
+import importlib
 import json
+import os
 import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -85,7 +88,7 @@ def test_serve_with_openai_client(offline, tmp_path):
     assert logged_prefill_tokens(log_text) >= sum(len(scenario_prompts[n]) for n in set(names))
 
 
-def test_bench_throughput_runs():
+def test_bench_throughput_runs(monkeypatch):
     """`vllm bench throughput --attention-backend pfa` selects PFA like vLLM's own backends (the benchmarks compare
     it with CPU_ATTN: benchmarks/bench_e2e.py)."""
     backend = "pfa"
@@ -105,4 +108,8 @@ def test_bench_throughput_runs():
     output_tokens = int(re.search(r"Total num output tokens:\s+(\d+)", proc.stdout).group(1))
     assert abs(prompt_tokens - num_prompts * input_len) <= num_prompts  # the random dataset may add a token
     assert output_tokens == num_prompts * output_len
-    print(f"vllm bench throughput --attention-backend {backend}: {match.group(0)}")
+    # bench_e2e.py records the cores vLLM bound its CPU worker to, read from this same log
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    cores = importlib.import_module("bench_e2e").worker_cores(proc.stdout + proc.stderr)
+    assert cores and set(cores) <= os.sched_getaffinity(0), (cores, proc.stderr[-4000:])
+    print(f"vllm bench throughput --attention-backend {backend}: {match.group(0)}; worker cores {cores}")
