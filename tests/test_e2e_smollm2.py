@@ -1,8 +1,11 @@
 """End to end on a real pretrained chat model (SmolLM2-135M-Instruct, vllm_pfa.pretrained): greedy chat answers
 through PFA equal CPU_ATTN's in float32 (short prompts, a document beyond the 2048-token mask, chunked prefill,
 prefix-cache hits), `vllm serve` answers the openai client's chat completions the same way, and in bf16 PFA's prompt
-log-probabilities are as close to the float32 reference as CPU_ATTN's."""
+log-probabilities are as close to the float32 reference as CPU_ATTN's; README's demo runs as written."""
 
+import re
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -84,3 +87,19 @@ def test_serve_chat_completions_with_openai_client(float32, tmp_path):
     log_text = log_path.read_text()
     assert "Using the PFA attention backend" in log_text
     assert logged_prefill_tokens(log_text) >= sum(r["prompt_tokens"] - r["cached_tokens"] for r in expected.values())
+
+
+def test_demo_runs_as_readme_says():
+    """README's first command (`make demo`: the set-up, then `python -m vllm_pfa.demo`) on a clean process: the model
+    answers, and the backend's own counters, which the demo prints, show prefill through PFA over a prefix-cached
+    document and decode on vLLM's kernel."""
+    demo = subprocess.run([sys.executable, "-m", "vllm_pfa.demo"], capture_output=True, text=True, timeout=600)
+    assert demo.returncode == 0, demo.stderr[-4000:]
+    out = demo.stdout
+    assert re.search(r"user: What is the capital of France\?\nassistant: [^\n]*Paris", out), out
+    cached = [int(n) for n in re.findall(r"-token document, (\d+) tokens from the prefix cache\]", out)]
+    assert len(cached) == 2 and cached[0] == 0 and cached[1] > MASK_SIZE, out
+    counters = dict(re.findall(r"^  (\w+) +(\d+)$", out, re.MULTILINE))
+    assert int(counters["prefill_calls"]) > 0 and int(counters["context_tokens"]) > MASK_SIZE, out
+    assert int(counters["decode_tokens"]) > 0 and int(counters["existing_path_prefill_tokens"]) == 0, out
+    assert "prefill went through npu_prompt_flash_attention" in out
