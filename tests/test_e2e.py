@@ -4,7 +4,6 @@
 import importlib
 import json
 import os
-import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,14 +101,17 @@ def test_bench_throughput_runs(monkeypatch):
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Using the PFA attention backend" in proc.stdout + proc.stderr, proc.stderr[-4000:]
-    match = re.search(r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s", proc.stdout)
+    # read with bench_e2e.py's parsers (the benchmarks' figures come from them), this test's own bounds
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    bench_e2e = importlib.import_module("bench_e2e")
+    match = bench_e2e.THROUGHPUT.search(proc.stdout)
     assert match, proc.stdout[-2000:]
-    prompt_tokens = int(re.search(r"Total num prompt tokens:\s+(\d+)", proc.stdout).group(1))
-    output_tokens = int(re.search(r"Total num output tokens:\s+(\d+)", proc.stdout).group(1))
+    totals = bench_e2e.TOTALS.search(proc.stdout)
+    assert totals, proc.stdout[-2000:]
+    prompt_tokens, output_tokens = map(int, totals.groups())
     assert abs(prompt_tokens - num_prompts * input_len) <= num_prompts  # the random dataset may add a token
     assert output_tokens == num_prompts * output_len
-    # bench_e2e.py records the cores vLLM bound its CPU worker to, read from this same log
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
-    cores = importlib.import_module("bench_e2e").worker_cores(proc.stdout + proc.stderr)
+    # the cores vLLM bound its CPU worker to, as bench_e2e.py records them
+    cores = bench_e2e.worker_cores(proc.stdout + proc.stderr)
     assert cores and set(cores) <= os.sched_getaffinity(0), (cores, proc.stderr[-4000:])
     print(f"vllm bench throughput --attention-backend {backend}: {match.group(0)}; worker cores {cores}")
