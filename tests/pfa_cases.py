@@ -1,10 +1,12 @@
-"""Shared generators of PFA problems for the operator tests (hypothesis strategies and tensor builders)."""
+"""Shared generators of PFA problems for the operator tests (hypothesis strategies and tensor builders), and a
+counter of the aten ops a call runs."""
 
 import contextlib
 import math
 
 import torch
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vllm_pfa.check_operator import make_qkv  # noqa: F401  (the package's builder, shared with the check)
 from vllm_pfa.ops import compressed_causal_mask, native_kernel
@@ -74,3 +76,20 @@ def problems(draw, dtypes=(torch.float32,), head_dims=(8, 16), max_seq=24):
         kwargs["pse_shift"] = torch.randn(pse_batch, heads, q_seq + draw(st.integers(0, 2)),
                                           kv_seq + draw(st.integers(0, 2))).to(pse_dtype)
     return q, k, v, kwargs
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] = self.counts.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn) -> dict[str, int]:
+    """The aten ops `fn()` runs, with how often each ran."""
+    with _OpCounter() as mode:
+        fn()
+    return mode.counts

@@ -9,10 +9,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from vllm.platforms.cpu import CpuPlatform
 
+from pfa_cases import count_ops
 from vllm_pfa.backend import ascend_kv
 from vllm_pfa.backend.prefill import consecutive_within_budget, plan_prefill, window_start
 from vllm_pfa_patches.platform import ascend_attn_backend_selection
@@ -71,27 +71,11 @@ def test_gather_reads_every_layout_with_one_index_select_per_storage(layout):
     rows = ascend_kv.key_value_rows(indices, geometry, block_table)
     assert ascend_kv.key_value_rows(indices, geometry, block_table) is rows  # once per step
     out = torch.full((2, 3 * max(seq_lens) * geometry.rows_per_token, geometry.row_elems), float("nan"))
-    ops = _count_ops(lambda: ascend_kv.gather_keys_values(key_cache, value_cache, geometry, rows, out))
+    ops = count_ops(lambda: ascend_kv.gather_keys_values(key_cache, value_cache, geometry, rows, out))
     assert ops.get("aten.index_select.out", 0) == (2 if layout == "separate" else 1)
     assert not {op for op in ops if "copy" in op or "clone" in op or "contiguous" in op}, ops
     expected = _expected(content, block_table, [0, 1, 2], [0, 0, 0], seq_lens)
     torch.testing.assert_close(out.view(2, 3, max(seq_lens), KV_HEADS, HEAD), expected, atol=0, rtol=0)
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func)] = self.counts.get(str(func), 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
-def _count_ops(fn) -> dict[str, int]:
-    with _Ops() as mode:
-        fn()
-    return mode.counts
 
 
 def test_unaddressable_cache_has_no_geometry_and_is_gathered_by_index():

@@ -16,6 +16,7 @@ from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_c
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadataBuilder
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from pfa_cases import count_ops
 from vllm_pfa.backend.pfa_attn import PFAAttentionImpl, PFAMetadataBuilder
 from vllm_pfa.backend.stats import STATS
 from vllm_pfa.model_builder import build_model
@@ -53,12 +54,14 @@ def _make_batch(requests, dtype, isa):
     return batch.query, batch.key, batch.value, batch.kv_cache, batch.metadata
 
 
-def _run(builder_cls, impl_cls, dtype, requests, sliding_window=None, configure=None):
+def _run(builder_cls, impl_cls, dtype, requests, sliding_window=None, configure=None, fused_qkv=False, ops=None):
+    """The layer's output for the batch; `fused_qkv`: q, k, v as vLLM's layers pass them, views of one fused
+    projection; `ops` (a dict) receives the aten ops the impl's forward ran, with their counts."""
     with set_current_vllm_config(_config(dtype)):
-        return _run_in_config(builder_cls, impl_cls, dtype, requests, sliding_window, configure)
+        return _run_in_config(builder_cls, impl_cls, dtype, requests, sliding_window, configure, fused_qkv, ops)
 
 
-def _run_in_config(builder_cls, impl_cls, dtype, requests, sliding_window, configure):
+def _run_in_config(builder_cls, impl_cls, dtype, requests, sliding_window, configure, fused_qkv, ops):
     builder = builder_cls(_spec(dtype), [], _config(dtype), torch.device("cpu"))
     if sliding_window is not None:
         builder.window_size = sliding_window
@@ -67,8 +70,17 @@ def _run_in_config(builder_cls, impl_cls, dtype, requests, sliding_window, confi
     impl = impl_cls(HEADS, HEAD_SIZE, 1 / math.sqrt(HEAD_SIZE), KV_HEADS, None, sliding_window, "auto")
     layer = SimpleNamespace(isa=builder.isa, _k_scale_float=1.0, _v_scale_float=1.0)
     query, key, value, kv_cache, common = _make_batch(requests, dtype, builder.isa)
+    if fused_qkv:
+        fused = torch.cat([query, key, value], dim=1).flatten(1)
+        query, key, value = (t.view(fused.shape[0], -1, HEAD_SIZE) for t in
+                             fused.split([HEADS * HEAD_SIZE, KV_HEADS * HEAD_SIZE, KV_HEADS * HEAD_SIZE], dim=1))
     output = torch.full((query.shape[0], HEADS, HEAD_SIZE), float("nan"), dtype=dtype)
-    impl.forward(layer, query, key, value, kv_cache, builder.build(0, common), output)
+    metadata = builder.build(0, common)
+    forward = functools.partial(impl.forward, layer, query, key, value, kv_cache, metadata, output)
+    if ops is None:
+        forward()
+    else:
+        ops.update(count_ops(forward))
     return output
 
 
@@ -97,6 +109,20 @@ def test_large_requests_get_calls_of_their_own(dtype, batch):
     prefills = [q for q, _ in BATCHES[batch] if q > 1]
     alone = sum(q >= 16 for q in prefills)
     assert STATS.prefill_calls == alone + (1 if alone < len(prefills) else 0) > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fresh_request_reads_the_fused_projection_in_place(dtype):
+    """vLLM's layers pass q, k, v as views of one fused projection: a fresh request's call (B = 1) hands them to
+    the native kernel as they are, with no copy."""
+    STATS.reset()
+    requests = BATCHES["one_fresh_prefill"]
+    expected = _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, dtype, requests)
+    ops: dict[str, int] = {}
+    actual = _run(PFAMetadataBuilder, PFAAttentionImpl, dtype, requests, fused_qkv=True, ops=ops)
+    torch.testing.assert_close(actual, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    assert STATS.prefill_calls == 1 and STATS.prefill_tokens == requests[0][0]
+    assert not {op for op in ops if "copy" in op or "clone" in op or "contiguous" in op}, ops
 
 
 def test_own_call_threshold_is_about_one_mib_of_query_rows():

@@ -163,6 +163,28 @@ def test_into_writes_the_ops_rows_in_place(dtype):
     assert bool((out[untouched] == 7).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_into_reads_views_of_a_fused_projection(dtype):
+    """vLLM's q, k, v are views of one [tokens, (N + 2 KVN) D] projection: the backend's variant reads them in place
+    (the op itself refuses them: its contract is contiguous tensors), with the result of contiguous copies."""
+    gen = torch.Generator().manual_seed(5)
+    tokens, heads, kv_heads, dim = 40, 6, 2, 64
+    fused = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    q, k, v = (t.view(1, tokens, -1, dim) for t in fused.split([heads * dim, kv_heads * dim, kv_heads * dim], -1))
+    assert not q.is_contiguous()
+    kwargs = dict(num_heads=heads, num_key_value_heads=kv_heads, input_layout="BSND", scale_value=dim ** -0.5,
+                  sparse_mode=3, atten_mask=compressed_causal_mask(), actual_seq_lengths=[tokens],
+                  actual_seq_lengths_kv=[tokens])
+    out = torch.empty(tokens, heads, dim, dtype=dtype)
+    assert native_kernel.prompt_flash_attention_into(out, [0], q, k, v, **kwargs)
+    expected = npu_prompt_flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), **kwargs)
+    torch.testing.assert_close(out, expected[0], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="non-contiguous tensors are not supported"):
+        npu_prompt_flash_attention(q, k, v, **kwargs)
+    with pytest.raises(ValueError, match="query.*the last axis must have stride 1"):
+        native_kernel.prompt_flash_attention_into(out, [0], q.transpose(2, 3), k, v, **kwargs)
+
+
 def test_into_declines_what_the_kernel_does_not_compute():
     q = torch.randn(1, 8, 2, 16)
     out = torch.full((8, 2, 16), 7.0)

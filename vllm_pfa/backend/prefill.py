@@ -186,10 +186,12 @@ def mask_arguments(sliding_window: int | None, causal: bool = True) -> dict:
 
 
 def _pack(tokens: torch.Tensor, call: PFACall, name: str) -> torch.Tensor:
-    """[T, heads, D] new tokens -> [B, max_query_len, heads, D] (BSND), padded on the right (staging buffers)."""
+    """[T, heads, D] new tokens -> [B, max_query_len, heads, D] (BSND), padded on the right (staging buffers). One
+    request's rows are a view, at vLLM's token stride (the native kernel reads them in place; the op needs them
+    contiguous)."""
     if call.num_requests == 1:
         start = call.query_starts[0]
-        return tokens[start:start + call.query_lens[0]].contiguous().unsqueeze(0)
+        return tokens[start:start + call.query_lens[0]].unsqueeze(0)
     packed = STAGING.view(name, tokens, call.num_requests, call.max_query_len, *tokens.shape[1:])
     for i, (start, n) in enumerate(zip(call.query_starts, call.query_lens)):
         packed[i, :n] = tokens[start:start + n]
@@ -238,7 +240,8 @@ def run_prefill(query, key, value, kv_cache, plan: PFAPrefillPlan, output, *, nu
                     new_rows, call.query_starts, packed_query, keys, values, **arguments):
                 STATS.prefill_calls += 1
                 continue
-            out = npu_prompt_flash_attention(packed_query, keys, values, **arguments)
+            out = npu_prompt_flash_attention(packed_query.contiguous(), keys.contiguous(), values.contiguous(),
+                                             **arguments)
         with record_function_or_nullcontext("pfa_backend.unpack"):
             out = out.view(call.num_requests, -1, num_heads, head_size)
             for i, (start, n) in enumerate(zip(call.query_starts, call.query_lens)):

@@ -77,10 +77,12 @@ def prompt_flash_attention_into(out: torch.Tensor, out_starts: list[int], query,
     """`npu_prompt_flash_attention(query, key, value, **kwargs)` written straight into vLLM's output rows, for the
     CPU backend: `out` is [tokens, N, D] and batch b's query row i lands in out[out_starts[b] + i] (rows past
     actual_seq_lengths are not written). Runs when the native kernel computes this problem with a BSND query of
-    out's dtype, and returns whether it did; otherwise nothing is written and the caller runs the op."""
+    out's dtype, and returns whether it did; otherwise nothing is written and the caller runs the op. Unlike the op,
+    query, key and value may be views at any token and head stride (vLLM's q, k, v are views of one fused
+    projection): the kernel reads rows of D elements, so only the last axis must have stride 1."""
     from vllm_pfa.ops.api import _PUBLIC_DEFAULTS  # api imports this module (through fast_path)
 
-    problem = validate(query, key, value, **{**_PUBLIC_DEFAULTS, **kwargs})
+    problem = validate(query, key, value, **{**_PUBLIC_DEFAULTS, **kwargs}, strided_qkv=True)
     bands = plan(problem, query.dtype, has_pse=kwargs.get("pse_shift") is not None,
                  has_mask=kwargs.get("atten_mask") is not None)
     if (bands is None or problem.layout != "BSND" or query.device.type != "cpu" or out.dtype != problem.out_dtype

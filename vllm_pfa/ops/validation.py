@@ -86,8 +86,9 @@ class PFAProblem:
 
 
 def _check_tensor(name: str, tensor: object, allowed_dtypes: Sequence[torch.dtype] | None, optional: bool,
-                  device: torch.device | None = None) -> None:
-    """Type, device (when given), dtype and contiguity; `allowed_dtypes` None checks type and device only."""
+                  device: torch.device | None = None, rows_only: bool = False) -> None:
+    """Type, device (when given), dtype and contiguity (`rows_only`: of the last axis only); `allowed_dtypes` None
+    checks type and device only."""
     if tensor is None:
         if optional:
             return
@@ -100,7 +101,10 @@ def _check_tensor(name: str, tensor: object, allowed_dtypes: Sequence[torch.dtyp
         return
     if tensor.dtype not in allowed_dtypes:
         raise fail(f"{name}.dtype", tensor.dtype, f"must be one of {[str(d) for d in allowed_dtypes]}", TypeError)
-    if not tensor.is_contiguous():
+    if rows_only:
+        if tensor.dim() and tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+            raise fail(name, _describe(tensor), "the last axis must have stride 1")
+    elif not tensor.is_contiguous():
         raise fail(name, _describe(tensor), "non-contiguous tensors are not supported")
 
 
@@ -176,10 +180,10 @@ def _actual_lengths(name: str, lengths: object, device: torch.device, batch: int
     return tuple(values * batch) if len(values) == 1 else tuple(values[:batch])
 
 
-def _check_qkv(query, key, value, layout: str, num_heads: int, num_key_value_heads: int):
-    _check_tensor("query", query, INPUT_DTYPES, optional=False)
-    _check_tensor("key", key, INPUT_DTYPES, optional=False, device=query.device)
-    _check_tensor("value", value, INPUT_DTYPES, optional=False, device=query.device)
+def _check_qkv(query, key, value, layout: str, num_heads: int, num_key_value_heads: int, rows_only: bool):
+    _check_tensor("query", query, INPUT_DTYPES, optional=False, rows_only=rows_only)
+    _check_tensor("key", key, INPUT_DTYPES, optional=False, device=query.device, rows_only=rows_only)
+    _check_tensor("value", value, INPUT_DTYPES, optional=False, device=query.device, rows_only=rows_only)
     for name, tensor in (("key", key), ("value", value)):
         if tensor.dtype != query.dtype:
             raise fail(f"{name}.dtype", tensor.dtype, f"must equal query.dtype = {query.dtype}", TypeError)
@@ -366,8 +370,11 @@ def _check_int8_output_rows(problem: PFAProblem, has_mask: bool, has_offset: boo
 def validate(
     query, key, value, *, pse_shift, padding_mask, atten_mask, actual_seq_lengths, deq_scale1, quant_scale1, deq_scale2,
     quant_scale2, quant_offset2, num_heads, scale_value, pre_tokens, next_tokens, input_layout,
-    num_key_value_heads, actual_seq_lengths_kv, sparse_mode,
+    num_key_value_heads, actual_seq_lengths_kv, sparse_mode, strided_qkv: bool = False,
 ) -> PFAProblem:
+    """The problem the op's arguments describe, or the error naming the parameter, its value and the rule.
+    `strided_qkv`: query, key and value may have any strides but the last (the native kernel's direct call reads
+    rows at any stride; the op itself takes contiguous tensors only)."""
     if not isinstance(input_layout, str):
         raise fail("input_layout", repr(input_layout), "must be a str", TypeError)
     if input_layout not in LAYOUTS:
@@ -382,7 +389,7 @@ def validate(
         raise fail("sparse_mode", mode, f"sparse_mode = {mode} is out of range (supported: 0..4)")
     scale_value = _check_float("scale_value", scale_value)
     batch, kv_heads, q_seq, kv_seq, head_dim = _check_qkv(
-        query, key, value, input_layout, num_heads, num_key_value_heads
+        query, key, value, input_layout, num_heads, num_key_value_heads, strided_qkv
     )
     _check_sizes(query, input_layout, batch, num_heads, kv_heads, q_seq, kv_seq, head_dim)
     _check_tensor("padding_mask", padding_mask, None, optional=True, device=query.device)  # reserved, never read
