@@ -156,14 +156,18 @@ def sdpa_call(q, k, v, lens, scale):
 
 def backend_call(q, k, v, lens, kwargs):
     """A closure running the call the CPU backend makes per prefill layer (`backend/prefill.py`): the native kernel
-    writing vLLM's [tokens, N, D] output rows, allocated per call as vLLM's Attention layer does, after the op's
-    validation once (no dispatcher, no second validation). Checked once against the operator's result."""
+    writing vLLM's [tokens, N, D] output rows, allocated per call as vLLM's Attention layer does, on the call the
+    step's first layer validated and prepared (no dispatcher; the step's other layers do not validate again).
+    Checked once against the operator's result."""
     starts = [sum(lens[:i]) for i in range(len(lens))]
+    prepared = native_kernel.prepare_direct(q, k, v, **kwargs)
+    if prepared is None:
+        raise RuntimeError("the native kernel did not take this problem: the backend call would run the op")
 
     def run():
         out = torch.empty(sum(lens), q.shape[2], q.shape[3], dtype=q.dtype)
-        if not native_kernel.prompt_flash_attention_into(out, starts, q, k, v, **kwargs):
-            raise RuntimeError("the native kernel did not take this problem: the backend call would run the op")
+        if not native_kernel.run_direct(prepared, out, starts, q, k, v):
+            raise RuntimeError("the prepared call refused its own inputs' form")
         return out
 
     expected = npu_prompt_flash_attention(q, k, v, **kwargs)

@@ -105,8 +105,9 @@ def wall_clock(build, forward, repeats) -> dict:
         return run
 
     samples = {"step": [], "build": [], "operator": [], "existing_path": []}
-    with (mock.patch.object(prefill.native_kernel, "prompt_flash_attention_into",
-                            timing(prefill.native_kernel.prompt_flash_attention_into, "operator")),
+    with (mock.patch.object(prefill.native_kernel, "prepare_direct",
+                            timing(prefill.native_kernel.prepare_direct, "operator")),
+          mock.patch.object(prefill.native_kernel, "run_direct", timing(prefill.native_kernel.run_direct, "operator")),
           mock.patch.object(prefill, "npu_prompt_flash_attention",
                             timing(prefill.npu_prompt_flash_attention, "operator")),
           mock.patch.object(CPUAttentionBackendImpl, "forward",

@@ -7,6 +7,7 @@ cached context (chunked prefill / prefix-cache hit), and mixes; real `CommonAtte
 import functools
 import math
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from pfa_cases import count_ops
 from vllm_pfa.backend.pfa_attn import PFAAttentionImpl, PFAMetadataBuilder
 from vllm_pfa.backend.stats import STATS
 from vllm_pfa.model_builder import build_model
-from vllm_pfa.ops import compressed_causal_mask, cpu_kv_layout
+from vllm_pfa.ops import compressed_causal_mask, cpu_kv_layout, native_kernel
 from vllm_pfa.testing import make_paged_batch
 
 # the model config (tiny: 4 heads over 2 kv heads, head 64) sizes the CPU kernel scratchpad: match it
@@ -123,6 +124,26 @@ def test_fresh_request_reads_the_fused_projection_in_place(dtype):
     torch.testing.assert_close(actual, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
     assert STATS.prefill_calls == 1 and STATS.prefill_tokens == requests[0][0]
     assert not {op for op in ops if "copy" in op or "clone" in op or "contiguous" in op}, ops
+
+
+def test_a_step_validates_each_call_once_for_its_layers():
+    """The step's first layer of each geometry validates and prepares its PFA calls; the step's other layers of
+    that geometry run them on their own tensors (here: two full-attention layers, then a sliding-window one)."""
+    requests, dtype = BATCHES["mixed"], torch.float32
+    expected = {window: _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, dtype, requests,
+                             sliding_window=window) for window in (None, 24)}
+    with set_current_vllm_config(_config(dtype)):
+        builder = PFAMetadataBuilder(_spec(dtype), [], _config(dtype), torch.device("cpu"))
+        layer = SimpleNamespace(isa=builder.isa, _k_scale_float=1.0, _v_scale_float=1.0)
+        query, key, value, kv_cache, common = _make_batch(requests, dtype, builder.isa)
+        metadata = builder.build(0, common)
+        with mock.patch.object(native_kernel, "validate", wraps=native_kernel.validate) as validate:
+            for window in (None, None, 24):
+                impl = PFAAttentionImpl(HEADS, HEAD_SIZE, 1 / math.sqrt(HEAD_SIZE), KV_HEADS, None, window, "auto")
+                output = torch.full((query.shape[0], HEADS, HEAD_SIZE), float("nan"), dtype=dtype)
+                impl.forward(layer, query, key, value, kv_cache, metadata, output)
+                torch.testing.assert_close(output, expected[window], atol=1e-5, rtol=1e-5)
+    assert len(metadata.prefill.calls) == 1 and validate.call_count == 2
 
 
 def test_own_call_threshold_is_about_one_mib_of_query_rows():

@@ -141,6 +141,12 @@ def test_products_route_follows_the_cpu_flags():
     assert extension.products_route(fp16) == ("onednn" if has_matrix_instructions(torch.float16) else "fp32")
 
 
+def _direct(out, out_starts, query, key, value, **kwargs) -> bool:
+    """The backend's direct call, prepared (validated) and run at once."""
+    call = native_kernel.prepare_direct(query, key, value, **kwargs)
+    return call is not None and native_kernel.run_direct(call, out, out_starts, query, key, value)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_into_writes_the_ops_rows_in_place(dtype):
     """The backend's variant: batch b's rows straight into out[out_starts[b]:], nothing else touched."""
@@ -154,7 +160,7 @@ def test_into_writes_the_ops_rows_in_place(dtype):
                   actual_seq_lengths_kv=[80, 7, 45])
     starts = [0, 90, 55]
     out = torch.full((100, heads, dim), 7.0, dtype=dtype)
-    assert native_kernel.prompt_flash_attention_into(out, starts, q, k, v, **kwargs)
+    assert _direct(out, starts, q, k, v, **kwargs)
     expected = npu_prompt_flash_attention(q, k, v, **kwargs)
     untouched = torch.ones(100, dtype=torch.bool)
     for b, (start, n) in enumerate(zip(starts, kwargs["actual_seq_lengths"])):
@@ -176,32 +182,50 @@ def test_into_reads_views_of_a_fused_projection(dtype):
                   sparse_mode=3, atten_mask=compressed_causal_mask(), actual_seq_lengths=[tokens],
                   actual_seq_lengths_kv=[tokens])
     out = torch.empty(tokens, heads, dim, dtype=dtype)
-    assert native_kernel.prompt_flash_attention_into(out, [0], q, k, v, **kwargs)
+    assert _direct(out, [0], q, k, v, **kwargs)
     expected = npu_prompt_flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), **kwargs)
     torch.testing.assert_close(out, expected[0], atol=0, rtol=0)
     with pytest.raises(ValueError, match="non-contiguous tensors are not supported"):
         npu_prompt_flash_attention(q, k, v, **kwargs)
     with pytest.raises(ValueError, match="query.*the last axis must have stride 1"):
-        native_kernel.prompt_flash_attention_into(out, [0], q.transpose(2, 3), k, v, **kwargs)
+        _direct(out, [0], q.transpose(2, 3), k, v, **kwargs)
 
 
 def test_into_declines_what_the_kernel_does_not_compute():
     q = torch.randn(1, 8, 2, 16)
     out = torch.full((8, 2, 16), 7.0)
     mask = torch.zeros(8, 8, dtype=torch.bool)
-    assert not native_kernel.prompt_flash_attention_into(out, [0], q, q, q, num_heads=2, input_layout="BSND",
-                                                         sparse_mode=1, atten_mask=mask)
-    assert not native_kernel.prompt_flash_attention_into(out, [0], q, q, q, num_heads=8, input_layout="BNSD")
+    assert not _direct(out, [0], q, q, q, num_heads=2, input_layout="BSND", sparse_mode=1, atten_mask=mask)
+    assert not _direct(out, [0], q, q, q, num_heads=8, input_layout="BNSD")
     assert bool((out == 7).all())
     with pytest.raises(ValueError):  # validated like the op
-        native_kernel.prompt_flash_attention_into(out, [0], q, q, q, num_heads=3, input_layout="BSND")
+        _direct(out, [0], q, q, q, num_heads=3, input_layout="BSND")
+
+
+def test_prepared_call_runs_only_on_the_form_it_was_validated_with():
+    """A step's other layers run the first layer's prepared call on their own tensors; tensors of another form (or
+    an output of another dtype) are refused, nothing written, so the caller validates them (prepares again)."""
+    gen = torch.Generator().manual_seed(6)
+    q, k = torch.randn(1, 12, 4, 16, generator=gen), torch.randn(1, 12, 2, 16, generator=gen)
+    kwargs = dict(num_heads=4, num_key_value_heads=2, input_layout="BSND", sparse_mode=3,
+                  atten_mask=compressed_causal_mask(), actual_seq_lengths=[12], actual_seq_lengths_kv=[12])
+    call = native_kernel.prepare_direct(q, k, k, **kwargs)
+    out = torch.full((12, 4, 16), 7.0)
+    for other in (dict(key=torch.randn(1, 13, 2, 16)), dict(query=q.double()), dict(out=out.bfloat16()),
+                  dict(value=torch.randn(1, 12, 2, 32)[..., ::2])):
+        args = dict(out=out, query=q, key=k, value=k) | other
+        assert not native_kernel.run_direct(call, args["out"], [0], args["query"], args["key"], args["value"])
+    assert bool((out == 7).all())
+    second_layer = torch.randn(1, 12, 4, 16, generator=gen), torch.randn(1, 12, 2, 16, generator=gen)
+    assert native_kernel.run_direct(call, out, [0], second_layer[0], second_layer[1], second_layer[1])
+    expected = npu_prompt_flash_attention(second_layer[0], second_layer[1], second_layer[1], **kwargs)
+    torch.testing.assert_close(out, expected[0], atol=0, rtol=0)
 
 
 def test_into_rejects_rows_outside_out():
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(RuntimeError, match="leaves rows outside out"):
-        native_kernel.prompt_flash_attention_into(torch.empty(10, 2, 16), [5], q, q, q, num_heads=2,
-                                                  input_layout="BSND", scale_value=1 / math.sqrt(16))
+        _direct(torch.empty(10, 2, 16), [5], q, q, q, num_heads=2, input_layout="BSND", scale_value=1 / math.sqrt(16))
 
 
 def test_without_bf16_instructions_bf16_takes_the_fp32_products():

@@ -4,8 +4,9 @@ requests, in which calls, with which lengths) and the layer checks, for both pla
 vLLM's paged cache (`KVGather`). The Ascend adapter runs its plans on the device itself (ascend_attn, ascend_kv).
 """
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +44,10 @@ class PFACall:
     block_ids: list[torch.Tensor] | None
     # per request: the first key the call reads (a sliding window's layers need none before it); 0 elsewhere
     kv_starts: list[int]
+    # CPU: the native kernel's call validated by the step's first layer of each geometry (heads, head size, scale,
+    # dtype, mask arguments), which the step's other layers of that geometry run without validating again; None
+    # where the kernel does not compute it
+    direct_calls: dict[tuple, native_kernel.DirectCall | None] = field(default_factory=dict, repr=False)
 
     @property
     def num_requests(self) -> int:
@@ -231,17 +236,21 @@ def run_prefill(query, key, value, kv_cache, plan: PFAPrefillPlan, output, *, nu
         with record_function_or_nullcontext("pfa_backend.pack_and_gather"):  # ranges: benchmarks/profile_backend.py
             keys, values = _key_values(key, value, kv_cache, call, plan.gather, query, (num_kv_heads, head_size))
             packed_query = _pack(query, call, "query")
-        arguments = pfa_arguments(call, plan, num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale,
-                                  mask_args=mask_args)
+        arguments = functools.partial(pfa_arguments, call, plan, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                      scale=scale, mask_args=mask_args)
         with record_function_or_nullcontext("pfa_backend.operator"):
             # Our CPU implementation: the native kernel writes the rows of `output` itself (no result tensor to
             # copy back).
-            if native_kernel.prompt_flash_attention_into(
-                    new_rows, call.query_starts, packed_query, keys, values, **arguments):
+            geometry = (num_heads, num_kv_heads, head_size, scale, query.dtype, *mask_args.items())
+            if geometry not in call.direct_calls:
+                call.direct_calls[geometry] = native_kernel.prepare_direct(packed_query, keys, values, **arguments())
+            direct = call.direct_calls[geometry]
+            if direct is not None and native_kernel.run_direct(direct, new_rows, call.query_starts, packed_query,
+                                                                keys, values):
                 STATS.prefill_calls += 1
                 continue
             out = npu_prompt_flash_attention(packed_query.contiguous(), keys.contiguous(), values.contiguous(),
-                                             **arguments)
+                                             **arguments())
         with record_function_or_nullcontext("pfa_backend.unpack"):
             out = out.view(call.num_requests, -1, num_heads, head_size)
             for i, (start, n) in enumerate(zip(call.query_starts, call.query_lens)):

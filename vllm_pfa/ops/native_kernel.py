@@ -12,6 +12,7 @@ Rows with no key, and rows past aq, are 0, as in PFA. Masks of modes 0/1 and pse
 """
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -73,24 +74,49 @@ def run(query, key, value, problem: PFAProblem, bands: list[tuple[int, int]], *,
     return from_bnsd(out, p.layout)
 
 
-def prompt_flash_attention_into(out: torch.Tensor, out_starts: list[int], query, key, value, **kwargs) -> bool:
-    """`npu_prompt_flash_attention(query, key, value, **kwargs)` written straight into vLLM's output rows, for the
-    CPU backend: `out` is [tokens, N, D] and batch b's query row i lands in out[out_starts[b] + i] (rows past
-    actual_seq_lengths are not written). Runs when the native kernel computes this problem with a BSND query of
-    out's dtype, and returns whether it did; otherwise nothing is written and the caller runs the op. Unlike the op,
-    query, key and value may be views at any token and head stride (vLLM's q, k, v are views of one fused
-    projection): the kernel reads rows of D elements, so only the last axis must have stride 1."""
+@dataclass(frozen=True)
+class DirectCall:
+    """A problem the native kernel computes, validated once, for the backend's direct calls: every layer of a step
+    with the same geometry runs it on its own tensors (`run_direct`), without validating its arguments again."""
+
+    problem: PFAProblem
+    inputs: tuple[tuple[torch.Size, torch.dtype, torch.device], ...]  # query's, key's and value's
+    lo: list[int]
+    hi: list[int]
+
+
+def _input_form(tensor: torch.Tensor) -> tuple[torch.Size, torch.dtype, torch.device]:
+    return tensor.shape, tensor.dtype, tensor.device
+
+
+def prepare_direct(query, key, value, **kwargs) -> DirectCall | None:
+    """`npu_prompt_flash_attention(query, key, value, **kwargs)` validated (its errors raised) and planned for the
+    native kernel, or None where the kernel does not compute it with a BSND query on CPU. Unlike the op, query, key
+    and value may be views at any token and head stride (vLLM's q, k, v are views of one fused projection): the
+    kernel reads rows of D elements, so only the last axis must have stride 1."""
     from vllm_pfa.ops.api import _PUBLIC_DEFAULTS  # api imports this module (through fast_path)
 
     problem = validate(query, key, value, **{**_PUBLIC_DEFAULTS, **kwargs}, strided_qkv=True)
     bands = plan(problem, query.dtype, has_pse=kwargs.get("pse_shift") is not None,
                  has_mask=kwargs.get("atten_mask") is not None)
-    if (bands is None or problem.layout != "BSND" or query.device.type != "cpu" or out.dtype != problem.out_dtype
-            or query.numel() == 0):
+    if bands is None or problem.layout != "BSND" or query.device.type != "cpu" or query.numel() == 0:
+        return None
+    return DirectCall(problem, tuple(_input_form(t) for t in (query, key, value)), [lo for lo, _ in bands],
+                      [hi for _, hi in bands])
+
+
+def run_direct(call: DirectCall, out: torch.Tensor, out_starts: list[int], query, key, value) -> bool:
+    """Runs a prepared call on tensors of the form it was validated with, written straight into vLLM's output rows:
+    `out` is [tokens, N, D] and batch b's query row i lands in out[out_starts[b] + i] (rows past
+    actual_seq_lengths are not written). Returns False, writing nothing, where the tensors' form or out's dtype
+    differ from the prepared call's (then the caller prepares again or runs the op)."""
+    p = call.problem
+    inputs = (query, key, value)
+    if (out.dtype != p.out_dtype or any(_input_form(t) != form for t, form in zip(inputs, call.inputs))
+            or any(t.shape[-1] > 1 and t.stride(-1) != 1 for t in inputs)):
         return False
     q, k, v = (to_bnsd(t, "BSND", heads) for t, heads in
-               ((query, problem.num_heads), (key, problem.num_kv_heads), (value, problem.num_kv_heads)))
-    extension().prefill_attention(q, k, v, to_bnsd(out.unsqueeze(0), "BSND", problem.num_heads),
-        list(problem.actual_q), list(problem.actual_kv), [lo for lo, _ in bands], [hi for _, hi in bands],
-        problem.scale_value, "auto", list(out_starts))
+               ((query, p.num_heads), (key, p.num_kv_heads), (value, p.num_kv_heads)))
+    extension().prefill_attention(q, k, v, to_bnsd(out.unsqueeze(0), "BSND", p.num_heads), list(p.actual_q),
+                                  list(p.actual_kv), call.lo, call.hi, p.scale_value, "auto", list(out_starts))
     return True
