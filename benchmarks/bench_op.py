@@ -40,7 +40,7 @@ from vllm_pfa.ops import compressed_causal_mask, native_kernel, npu_prompt_flash
 from vllm_pfa.ops import reference_npu_prompt_flash_attention
 
 ANCHOR_BLOCK_SIZE = 128
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def timeit_interleaved(calls: dict, min_rounds: int = 3, min_seconds: float = 3.0, max_rounds: int = 20) -> dict:
@@ -183,6 +183,9 @@ def shapes(quick: bool):
             for dim in ((128,) if quick else (64, 128)):
                 for seq in seqs:
                     yield dict(dtype=dtype, heads=heads, kv_heads=kv_heads, dim=dim, lens=[seq])
+    if not quick:  # float32, as the demo and the check run SmolLM2 (9 heads over 3 of 64), in its prefill chunks
+        for seq in (256, 512, 1024):
+            yield dict(dtype="fp32", heads=9, kv_heads=3, dim=64, lens=[seq])
     for dtype in DTYPES if not quick else ["bf16"]:  # a batch of mixed lengths, padded to the longest
         yield dict(dtype=dtype, heads=32, kv_heads=8, dim=128, lens=[2048, 1000, 517, 130])
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pfa_cases import make_qkv
+from pfa_cases import count_ops, make_qkv
 from vllm_pfa.ops import api, compressed_causal_mask, npu_prompt_flash_attention, npu_trans_quant_param
 
 MASK = compressed_causal_mask()
@@ -256,16 +256,36 @@ CAUSAL_CALL = dict(num_heads=4, num_key_value_heads=2, input_layout="BSND", spar
 
 
 def test_public_call_validates_once(monkeypatch):
-    """The op's implementation takes the problem the public function validated for the same arguments; the op
+    """The public function validates once, whether it runs the implementation itself or through the op (here
+    under a dispatch mode), whose implementation then takes the problem validated for the same arguments; the op
     called directly validates its own."""
     calls = _counting_validate(monkeypatch)
     q, k, v = make_qkv("BSND", 2, 4, 2, 8, 8, 16, torch.float32)
     out = npu_prompt_flash_attention(q, k, v, actual_seq_lengths=torch.tensor([8, 5]), **CAUSAL_CALL)
     assert len(calls) == 1
+    ops = count_ops(lambda: npu_prompt_flash_attention(q, k, v, actual_seq_lengths=torch.tensor([8, 5]),
+                                                       **CAUSAL_CALL))
+    assert len(calls) == 2 and ops.get("vllm_pfa.npu_prompt_flash_attention.default") == 1
     direct = torch.ops.vllm_pfa.npu_prompt_flash_attention(q, k, v, actual_seq_lengths=[8, 5], **CAUSAL_CALL)
-    assert len(calls) == 2
+    assert len(calls) == 3
     torch.testing.assert_close(out, direct, rtol=0, atol=0)
     assert api._handoff.call is None
+
+
+def test_plain_eager_call_skips_only_a_dispatcher_with_nothing_to_do(monkeypatch):
+    """CPU arguments in eager mode with no dispatch mode, subclass, functorch transform or autograd run the
+    implementation directly; a dispatch mode or a tensor requiring grad still sends the call through the op."""
+    through_op = []
+    real = api._handed_over
+    monkeypatch.setattr(api, "_handed_over", lambda *args: through_op.append(1) or real(*args))
+    q, k, v = make_qkv("BSND", 2, 4, 2, 8, 8, 16, torch.float32)
+    plain = npu_prompt_flash_attention(q, k, v, **CAUSAL_CALL)
+    assert not through_op
+    ops = count_ops(lambda: npu_prompt_flash_attention(q, k, v, **CAUSAL_CALL))
+    assert ops.get("vllm_pfa.npu_prompt_flash_attention.default") == 1 and len(through_op) == 1
+    with_grad = npu_prompt_flash_attention(q.clone().requires_grad_(), k, v, **CAUSAL_CALL)
+    assert len(through_op) == 2 and with_grad.requires_grad
+    torch.testing.assert_close(with_grad.detach(), plain, rtol=0, atol=0)
 
 
 class _ChangesKvHeads(TorchDispatchMode):
