@@ -2,8 +2,8 @@
 
 The public function validates, then dispatches: NPU tensors go to `torch_npu.npu_prompt_flash_attention`; everything
 else to the `vllm_pfa::npu_prompt_flash_attention` custom op, whose CPU implementation runs the fast path for float
-inputs and the exact reference for int8. The op has a fake implementation, so it traces under
-`torch.compile(fullgraph=True)`.
+inputs and the exact reference for int8 (an eager CPU call the dispatcher would only pass on runs that
+implementation directly). The op has a fake implementation, so it traces under `torch.compile(fullgraph=True)`.
 """
 
 import importlib
