@@ -4,8 +4,9 @@ Every shape is timed for all implementations back to back, so the ratios compare
 machine. The anchor is `cpu_attention_with_kv_cache` on a cache already paged (block size 128, vLLM's CPU default),
 writing a freshly allocated output as vLLM's Attention layer does: what the CPU_ATTN backend pays per prefill
 layer (its cache write is paid by both backends). PFA gets dense BSND tensors, as the PFA backend passes them,
-through the public operator (dispatcher, validation, the kernel) and through the CPU backend's own call of the
-kernel (validation once, vLLM's output rows), so the report separates the kernel's rate from the op's Python work.
+through the public operator (validation, the kernel; the dispatcher where it has work to do) and through the CPU
+backend's own call of the kernel (validated once a step, vLLM's output rows), so the report separates the kernel's
+rate from the op's Python work. Float32 rows (SmolLM2's heads, the demo's dtype) sit beside bf16 and fp16.
 The bf16 GEMM behind the limits is also timed in each shape's rounds, so a shape measured while the machine ran slower
 shows it, and the bf16 rows get a share measured in the same rounds. Where vLLM is not installed (a host with torch
 alone, such as a lent accelerator machine's CPU), the rest is measured and vLLM's kernel and the ratios to it are left
