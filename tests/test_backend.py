@@ -85,12 +85,14 @@ def _run_in_config(builder_cls, impl_cls, dtype, requests, sliding_window, confi
     return output
 
 
+@pytest.mark.parametrize("fused_qkv", [False, True], ids=["separate_qkv", "fused_qkv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", sorted(BATCHES))
-def test_pfa_backend_matches_cpu_attn(dtype, batch):
+def test_pfa_backend_matches_cpu_attn(dtype, batch, fused_qkv):
+    """Every batch shape with q, k, v as separate tensors and as vLLM's layers pass them (views of one projection)."""
     STATS.reset()
     expected = _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, dtype, BATCHES[batch])
-    actual = _run(PFAMetadataBuilder, PFAAttentionImpl, dtype, BATCHES[batch])
+    actual = _run(PFAMetadataBuilder, PFAAttentionImpl, dtype, BATCHES[batch], fused_qkv=fused_qkv)
     torch.testing.assert_close(actual, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
     prefill_tokens = sum(q for q, _ in BATCHES[batch] if q > 1)
     assert STATS.prefill_tokens == prefill_tokens and STATS.prefill_calls == (1 if prefill_tokens else 0)
