@@ -55,14 +55,15 @@ def _make_batch(requests, dtype, isa):
     return batch.query, batch.key, batch.value, batch.kv_cache, batch.metadata
 
 
-def _run(builder_cls, impl_cls, dtype, requests, sliding_window=None, configure=None, fused_qkv=False, ops=None):
-    """The layer's output for the batch; `fused_qkv`: q, k, v as vLLM's layers pass them, views of one fused
-    projection; `ops` (a dict) receives the aten ops the impl's forward ran, with their counts."""
+def _run(builder_cls, impl_cls, dtype, requests, sliding_window=None, configure=None, qkv_form="separate", ops=None):
+    """The layer's output for the batch; `qkv_form` "fused": q, k, v as vLLM's layers pass them, views of one fused
+    projection, "d_strided": their head axis at a stride other than 1; `ops` (a dict) receives the aten ops the
+    impl's forward ran, with their counts."""
     with set_current_vllm_config(_config(dtype)):
-        return _run_in_config(builder_cls, impl_cls, dtype, requests, sliding_window, configure, fused_qkv, ops)
+        return _run_in_config(builder_cls, impl_cls, dtype, requests, sliding_window, configure, qkv_form, ops)
 
 
-def _run_in_config(builder_cls, impl_cls, dtype, requests, sliding_window, configure, fused_qkv, ops):
+def _run_in_config(builder_cls, impl_cls, dtype, requests, sliding_window, configure, qkv_form, ops):
     builder = builder_cls(_spec(dtype), [], _config(dtype), torch.device("cpu"))
     if sliding_window is not None:
         builder.window_size = sliding_window
@@ -71,10 +72,12 @@ def _run_in_config(builder_cls, impl_cls, dtype, requests, sliding_window, confi
     impl = impl_cls(HEADS, HEAD_SIZE, 1 / math.sqrt(HEAD_SIZE), KV_HEADS, None, sliding_window, "auto")
     layer = SimpleNamespace(isa=builder.isa, _k_scale_float=1.0, _v_scale_float=1.0)
     query, key, value, kv_cache, common = _make_batch(requests, dtype, builder.isa)
-    if fused_qkv:
+    if qkv_form == "fused":
         fused = torch.cat([query, key, value], dim=1).flatten(1)
         query, key, value = (t.view(fused.shape[0], -1, HEAD_SIZE) for t in
                              fused.split([HEADS * HEAD_SIZE, KV_HEADS * HEAD_SIZE, KV_HEADS * HEAD_SIZE], dim=1))
+    elif qkv_form == "d_strided":
+        query, key, value = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (query, key, value))
     output = torch.full((query.shape[0], HEADS, HEAD_SIZE), float("nan"), dtype=dtype)
     metadata = builder.build(0, common)
     forward = functools.partial(impl.forward, layer, query, key, value, kv_cache, metadata, output)
@@ -85,14 +88,14 @@ def _run_in_config(builder_cls, impl_cls, dtype, requests, sliding_window, confi
     return output
 
 
-@pytest.mark.parametrize("fused_qkv", [False, True], ids=["separate_qkv", "fused_qkv"])
+@pytest.mark.parametrize("qkv_form", ["separate", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", sorted(BATCHES))
-def test_pfa_backend_matches_cpu_attn(dtype, batch, fused_qkv):
+def test_pfa_backend_matches_cpu_attn(dtype, batch, qkv_form):
     """Every batch shape with q, k, v as separate tensors and as vLLM's layers pass them (views of one projection)."""
     STATS.reset()
     expected = _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, dtype, BATCHES[batch])
-    actual = _run(PFAMetadataBuilder, PFAAttentionImpl, dtype, BATCHES[batch], fused_qkv=fused_qkv)
+    actual = _run(PFAMetadataBuilder, PFAAttentionImpl, dtype, BATCHES[batch], qkv_form=qkv_form)
     torch.testing.assert_close(actual, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
     prefill_tokens = sum(q for q, _ in BATCHES[batch] if q > 1)
     assert STATS.prefill_tokens == prefill_tokens and STATS.prefill_calls == (1 if prefill_tokens else 0)
@@ -122,10 +125,18 @@ def test_fresh_request_reads_the_fused_projection_in_place(dtype):
     requests = BATCHES["one_fresh_prefill"]
     expected = _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, dtype, requests)
     ops: dict[str, int] = {}
-    actual = _run(PFAMetadataBuilder, PFAAttentionImpl, dtype, requests, fused_qkv=True, ops=ops)
+    actual = _run(PFAMetadataBuilder, PFAAttentionImpl, dtype, requests, qkv_form="fused", ops=ops)
     torch.testing.assert_close(actual, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
     assert STATS.prefill_calls == 1 and STATS.prefill_tokens == requests[0][0]
     assert not {op for op in ops if "copy" in op or "clone" in op or "contiguous" in op}, ops
+
+
+@pytest.mark.parametrize("batch", ["one_fresh_prefill", "fresh_prefills"])
+def test_q_k_v_with_a_strided_head_axis_are_copied_not_refused(batch):
+    """The kernel reads rows of D at stride 1: q, k, v whose D axis is strided reach it as copies."""
+    expected = _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, torch.float32, BATCHES[batch])
+    actual = _run(PFAMetadataBuilder, PFAAttentionImpl, torch.float32, BATCHES[batch], qkv_form="d_strided")
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_step_validates_each_call_once_for_its_layers():

@@ -193,10 +193,11 @@ def mask_arguments(sliding_window: int | None, causal: bool = True) -> dict:
 def _pack(tokens: torch.Tensor, call: PFACall, name: str) -> torch.Tensor:
     """[T, heads, D] new tokens -> [B, max_query_len, heads, D] (BSND), padded on the right (staging buffers). One
     request's rows are a view, at vLLM's token stride (the native kernel reads them in place; the op needs them
-    contiguous)."""
+    contiguous), unless their D axis is strided (then a copy: the kernel reads rows of D)."""
     if call.num_requests == 1:
         start = call.query_starts[0]
-        return tokens[start:start + call.query_lens[0]].unsqueeze(0)
+        rows = tokens[start:start + call.query_lens[0]]
+        return (rows if rows.shape[-1] <= 1 or rows.stride(-1) == 1 else rows.contiguous()).unsqueeze(0)
     packed = STAGING.view(name, tokens, call.num_requests, call.max_query_len, *tokens.shape[1:])
     for i, (start, n) in enumerate(zip(call.query_starts, call.query_lens)):
         packed[i, :n] = tokens[start:start + n]
