@@ -16,6 +16,7 @@ from vllm.v1.utils import record_function_or_nullcontext
 from vllm_pfa.backend.staging import STAGING
 from vllm_pfa.backend.stats import STATS
 from vllm_pfa.ops import compressed_causal_mask, native_kernel, npu_prompt_flash_attention
+from vllm_pfa.ops.layout import rows_at_unit_stride
 from vllm_pfa.ops.validation import check_heads
 
 # PFA's layout for vLLM's token-major [tokens, heads, head_size] tensors: with one prefill request BSND is a
@@ -197,7 +198,7 @@ def _pack(tokens: torch.Tensor, call: PFACall, name: str) -> torch.Tensor:
     if call.num_requests == 1:
         start = call.query_starts[0]
         rows = tokens[start:start + call.query_lens[0]]
-        return (rows if rows.shape[-1] <= 1 or rows.stride(-1) == 1 else rows.contiguous()).unsqueeze(0)
+        return (rows if rows_at_unit_stride(rows) else rows.contiguous()).unsqueeze(0)
     packed = STAGING.view(name, tokens, call.num_requests, call.max_query_len, *tokens.shape[1:])
     for i, (start, n) in enumerate(zip(call.query_starts, call.query_lens)):
         packed[i, :n] = tokens[start:start + n]

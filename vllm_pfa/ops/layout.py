@@ -19,6 +19,12 @@ def to_bnsd(tensor: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
     return tensor
 
 
+def rows_at_unit_stride(tensor: torch.Tensor) -> bool:
+    """Whether the last axis reads as rows at stride 1, as the native kernel reads D (a one-element axis may carry any
+    stride: torch leaves size-1 strides free)."""
+    return tensor.dim() == 0 or tensor.shape[-1] <= 1 or tensor.stride(-1) == 1
+
+
 def from_bnsd(out: torch.Tensor, layout: str) -> torch.Tensor:
     """The [B, N, S, D] result in the output layout of `layout` (contiguous)."""
     if layout == "BNSD":

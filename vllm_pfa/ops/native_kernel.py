@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_pfa.log import init_logger
-from vllm_pfa.ops.layout import from_bnsd, to_bnsd
+from vllm_pfa.ops.layout import from_bnsd, rows_at_unit_stride, to_bnsd
 from vllm_pfa.ops.masks import band_offsets
 from vllm_pfa.ops.validation import FLOAT_DTYPES, PFAProblem, validate
 
@@ -113,7 +113,7 @@ def run_direct(call: DirectCall, out: torch.Tensor, out_starts: list[int], query
     p = call.problem
     inputs = (query, key, value)
     if (out.dtype != p.out_dtype or any(_input_form(t) != form for t, form in zip(inputs, call.inputs))
-            or any(t.shape[-1] > 1 and t.stride(-1) != 1 for t in inputs)):
+            or not all(rows_at_unit_stride(t) for t in inputs)):
         return False
     q, k, v = (to_bnsd(t, "BSND", heads) for t, heads in
                ((query, p.num_heads), (key, p.num_kv_heads), (value, p.num_kv_heads)))

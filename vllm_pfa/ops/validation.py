@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_pfa.ops.layout import LAYOUTS, dims, output_shape
+from vllm_pfa.ops.layout import LAYOUTS, dims, output_shape, rows_at_unit_stride
 
 MAX_HEADS = 256
 MAX_HEAD_DIM = 512
@@ -102,7 +102,7 @@ def _check_tensor(name: str, tensor: object, allowed_dtypes: Sequence[torch.dtyp
     if tensor.dtype not in allowed_dtypes:
         raise fail(f"{name}.dtype", tensor.dtype, f"must be one of {[str(d) for d in allowed_dtypes]}", TypeError)
     if rows_only:
-        if tensor.dim() and tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+        if not rows_at_unit_stride(tensor):
             raise fail(name, _describe(tensor), "the last axis must have stride 1")
     elif not tensor.is_contiguous():
         raise fail(name, _describe(tensor), "non-contiguous tensors are not supported")
