@@ -27,11 +27,12 @@ def _gather_both_ways(layout, kv_cache, block_ids, seq_len, heads, dim, dtype, m
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("key_transposed,value_transposed", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("block_size,dim,seq_len", [(128, 128, 1536), (32, 64, 70), (16, 48, 33), (32, 32, 1),
-                                                     (32, 64, 51), (16, 64, 37)])
+                                                     (32, 64, 51), (16, 64, 37), (16, 40, 21)])
 def test_native_gather_matches_torch(dtype, key_transposed, value_transposed, block_size, dim, seq_len,
                                      monkeypatch):
     """Whole and partial blocks, out-of-order block ids, head dims on and off the 32-wide vector path; transposed
-    16-bit blocks through their 16-token transposes, then pairs of tokens, then one token (51 = 32 + 16 + 2 + 1)."""
+    16-bit blocks through their 16-token transposes, then pairs of tokens, then one token (51 = 32 + 16 + 2 + 1);
+    transposed 32-bit blocks through 16 x 16 transposes, a partial one last (37, 21), or element-wise (40 dims)."""
     heads = 4
     num_blocks = -(-seq_len // block_size)
     kv_cache = torch.randn(num_blocks + 3, heads, block_size, 2 * dim).to(dtype)
