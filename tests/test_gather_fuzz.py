@@ -9,15 +9,13 @@ killing pytest; `pytest --fuzz-examples=N` runs N.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzz_subprocess import child_main, run_child
 from vllm_pfa.ops import cpu_kv_layout
 from vllm_pfa.ops.cpu_kv_layout import CpuKVLayout, split_kv_cache
 from vllm_pfa.ops.native_kernel import extension
@@ -82,14 +80,8 @@ def check_case(spec: dict) -> None:
 @pytest.mark.skipif(extension() is None, reason="the native extension needs an AVX-512 CPU and a built _C")
 def test_fuzz_native_gather(request, tmp_path):
     """Gather cases in a subprocess: a crash (nonzero or negative return code) or any mismatch fails."""
-    current = tmp_path / "current_case.json"
     examples = request.config.getoption("--fuzz-examples") or DEFAULT_EXAMPLES
-    command = [sys.executable, __file__, "--examples", str(examples), "--current", str(current)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
-    if proc.returncode != 0:
-        last = current.read_text() if current.exists() else "none"
-        pytest.fail(f"gather fuzz subprocess exited with {proc.returncode} during case {last}\n{proc.stderr[-4000:]}")
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_child(__file__, examples, tmp_path / "current_case.json")
     assert report["examples"] == examples, report
     assert not report["failures"], json.dumps(report["failures"][:5], indent=1)
 
@@ -115,10 +107,4 @@ def _child(examples: int, current: str) -> None:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="native gather fuzz cases (run by test_fuzz_native_gather)")
-    parser.add_argument("--examples", type=int, required=True)
-    parser.add_argument("--current", required=True)
-    args = parser.parse_args()
-    _child(args.examples, args.current)
+    child_main("native gather fuzz cases (run by test_fuzz_native_gather)", _child)

@@ -17,15 +17,13 @@ CI); `pytest --fuzz-examples=N` runs N per part. A failing case is printed as it
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzz_subprocess import child_main, run_child
 from pfa_cases import counting_native_runs
 from test_op_reference import brute_force
 from vllm_pfa.check_operator import TOLERANCE  # the dtype tolerances the check uses too
@@ -388,13 +386,7 @@ def test_fuzz_python_paths(request):
 @pytest.fixture(scope="module")
 def native_reports(request, tmp_path_factory) -> dict:
     """One subprocess runs both parts (one interpreter start); a crash fails the tests that read it."""
-    current = tmp_path_factory.mktemp("fuzz") / "current_case.json"
-    command = [sys.executable, __file__, "--examples", str(_examples(request, "native")), "--current", str(current)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
-    if proc.returncode != 0:
-        last = current.read_text() if current.exists() else "none"
-        pytest.fail(f"fuzz subprocess exited with {proc.returncode} during case {last}\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, _examples(request, "native"), tmp_path_factory.mktemp("fuzz") / "current_case.json")
 
 
 @pytest.mark.skipif(not native_kernel.available(), reason="the native kernel needs an AVX-512 CPU and a built _C")
@@ -436,10 +428,4 @@ def _child_part(examples: int, current: str, non_finite: bool) -> dict:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="native-kernel fuzz cases (run by test_fuzz_native_kernel)")
-    parser.add_argument("--examples", type=int, required=True)
-    parser.add_argument("--current", required=True)
-    args = parser.parse_args()
-    _child(args.examples, args.current)
+    child_main("native-kernel fuzz cases (run by test_fuzz_native_kernel)", _child)
