@@ -4,7 +4,8 @@
 // the tokens are either rows ([block_size][head], "plain") or columns ([head][block_size], "transposed", vLLM's
 // key layout for the vec ISAs). The output is token-major, [>= seq_len, kv_heads, head]. The torch equivalent
 // takes three passes over the data (index_select, transpose, strided copy); this takes one, parallel over
-// (block, head) pairs, transposing in registers (16-bit) or through L1-sized tiles.
+// (block, head) pairs, transposing in registers (16- and 32-bit elements, head sizes of whole vectors) or else
+// through L1-sized tiles.
 #include "ops.h"
 #include "transpose.h"
 
