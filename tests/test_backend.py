@@ -136,7 +136,7 @@ def test_q_k_v_with_a_strided_head_axis_are_copied_not_refused(batch):
     """The kernel reads rows of D at stride 1: q, k, v whose D axis is strided reach it as copies."""
     expected = _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, torch.float32, BATCHES[batch])
     actual = _run(PFAMetadataBuilder, PFAAttentionImpl, torch.float32, BATCHES[batch], qkv_form="d_strided")
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual, expected, atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
 
 
 def test_a_step_validates_each_call_once_for_its_layers():
@@ -155,7 +155,7 @@ def test_a_step_validates_each_call_once_for_its_layers():
                 impl = PFAAttentionImpl(HEADS, HEAD_SIZE, 1 / math.sqrt(HEAD_SIZE), KV_HEADS, None, window, "auto")
                 output = torch.full((query.shape[0], HEADS, HEAD_SIZE), float("nan"), dtype=dtype)
                 impl.forward(layer, query, key, value, kv_cache, metadata, output)
-                torch.testing.assert_close(output, expected[window], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(output, expected[window], atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
     assert len(metadata.prefill.calls) == 1 and validate.call_count == 2
 
 
@@ -171,7 +171,7 @@ def test_sliding_window_goes_through_band_mode(batch):
                     BATCHES[batch], sliding_window=24)
     actual = _run(PFAMetadataBuilder, PFAAttentionImpl, torch.float32, BATCHES[batch],
                   sliding_window=24)
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual, expected, atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
 
 
 def test_unreadable_cache_layout_sends_context_prefills_to_existing_path():
@@ -180,7 +180,7 @@ def test_unreadable_cache_layout_sends_context_prefills_to_existing_path():
     expected = _run(CPUAttentionMetadataBuilder, CPUAttentionBackendImpl, torch.float32, requests)
     actual = _run(PFAMetadataBuilder, PFAAttentionImpl, torch.float32, requests,
                   configure=lambda builder: setattr(builder, "cache_layout", None))
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual, expected, atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
     assert STATS.prefill_calls == 0 and STATS.existing_path_prefill_tokens == 25 + 16 + 3
 
 
