@@ -1,7 +1,7 @@
 """The native kernel's 16-bit matrix products (where the CPU has bf16/fp16 matrix instructions: oneDNN's brgemm, or for
-bf16 on a CPU with AVX512-BF16 and no AMX the kernel's own VDPBF16PS register tiles, which "input_dtype" picks there and
-"input_dtype_onednn" leaves out; an AVX-512F emulation of them on any AVX-512 CPU) and its in-place output for the
-backend."""
+bf16 the kernel's own AMX tiles on a CPU with AMX-BF16 and its own VDPBF16PS register tiles on a CPU with AVX512-BF16
+and no AMX, which "input_dtype" picks there and "input_dtype_onednn" leaves out; an AVX-512F emulation of them on any
+AVX-512 CPU) and its in-place output for the backend."""
 
 import math
 import os
@@ -108,6 +108,36 @@ def test_query_rows_read_in_place(products, head_dim, kv_heads):
     _assert_matches_reference(q.contiguous(), k.contiguous(), v.contiguous(), kwargs, out)
 
 
+@pytest.mark.skipif("amx_bf16" not in cpu_info()["isa_flags"] or not has_matrix_instructions(torch.bfloat16),
+                    reason="the kernel's AMX tiles run only on a CPU with AMX-BF16")
+@pytest.mark.parametrize("head_dim", [16, 48, 64, 80, 128, 176, 512])
+@pytest.mark.parametrize("heads,kv_heads", [(1, 1), (3, 1), (6, 2)])
+def test_amx_tiles_agree_with_onednn(head_dim, heads, kv_heads):
+    """The AMX tiles' edges: head dims that are and are not multiples of 32 (Q K^T's depth: a last step of 16), row
+    counts of 1-16 and 17-32 in a call's last tiles (positions x group heads, lengths below), P V over key ranges of
+    16 x odd keys (the causal diagonal, a short sequence, a window), several key blocks. Against oneDNN's brgemm on
+    the same instructions: the same exact products, fp32 sums in another order."""
+    gen = torch.Generator().manual_seed(head_dim * 7 + heads)
+    lens = [1, 17, 530, 1100]
+    q = torch.randn(len(lens), max(lens), heads, head_dim, generator=gen).bfloat16()
+    k, v = (torch.randn(len(lens), max(lens), kv_heads, head_dim, generator=gen).bfloat16() for _ in range(2))
+    extension = native_kernel.extension()
+    outs = {}
+    for products in ("input_dtype", "input_dtype_onednn"):
+        for window in (None, 70):
+            out = torch.zeros_like(q)
+            lo = [-(n + 1) if window is None else -window for n in lens]
+            extension.prefill_attention(*(t.transpose(1, 2) for t in (q, k, v, out)), lens, lens, lo, [0] * len(lens),
+                                        head_dim ** -0.5, products)
+            outs[products, window] = out
+    assert extension.products_route(q, "input_dtype") == "amx_tiles"
+    for window in (None, 70):
+        torch.testing.assert_close(outs["input_dtype", window].float(), outs["input_dtype_onednn", window].float(),
+                                   atol=8e-3, rtol=8e-3)
+        for b, n in enumerate(lens):
+            assert torch.all(outs["input_dtype", window][b, n:] == 0), "rows past a batch's length were written"
+
+
 def test_auto_products_follow_the_cpu():
     """bf16/fp16 inputs take the 16-bit products exactly where oneDNN has kernels for them; fp32 never does."""
     extension = native_kernel.extension()
@@ -124,17 +154,19 @@ def test_auto_products_follow_the_cpu():
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="the CPU's flags as Linux reports them are needed")
 def test_products_route_follows_the_cpu_flags():
     """The kernel reads AVX512-BF16 and AMX-BF16 from CPUID itself; Linux's reading of the same bits decides which
-    route each dtype takes: bf16 in the kernel's own tiles exactly where the CPU has AVX512-BF16 and no AMX-BF16,
-    oneDNN's brgemm for the other 16-bit routes, "input_dtype_onednn" always brgemm, fp32 never 16-bit."""
+    route each dtype takes: bf16 on the kernel's own AMX tiles exactly where the CPU has AMX-BF16, in its own
+    VDPBF16PS register tiles where it has AVX512-BF16 and no AMX-BF16, oneDNN's brgemm for the other 16-bit routes,
+    "input_dtype_onednn" always brgemm, fp32 never 16-bit."""
     extension = native_kernel.extension()
     flags = cpu_info()["isa_flags"]
     bf16, fp16 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.float16)
     assert extension.products_route(torch.zeros(1)) == "fp32"
     assert extension.products_route(bf16, "input_dtype_emulated") == "emulated"
     if has_matrix_instructions(torch.bfloat16):
-        tiles = "avx512_bf16" in flags and "amx_bf16" not in flags
+        amx = "amx_bf16" in flags
+        tiles = "avx512_bf16" in flags and not amx
         assert extension.products_route(bf16) == extension.products_route(bf16, "input_dtype")
-        assert extension.products_route(bf16) == ("bf16_tiles" if tiles else "onednn")
+        assert extension.products_route(bf16) == ("amx_tiles" if amx else "bf16_tiles" if tiles else "onednn")
         assert extension.products_route(bf16, "input_dtype_onednn") == "onednn"
     else:
         assert extension.products_route(bf16) == "fp32"

@@ -40,6 +40,7 @@
 // file (profiles, builds that skip a phase, in-process A/Bs of what was kept and what was not) are in
 // benchmarks/kernel_performance.md; benchmarks/ab_builds.py repeats such an A/B.
 
+#include "amx_products.h"
 #include "ops.h"
 #include "phase_cycles.h"
 #include "transpose.h"
@@ -70,7 +71,7 @@ enum class ElementType : int { kFloat32, kFloat16, kBFloat16 };
 // How the two matrix products are computed (see the header comment), decided once per call by parse_products: in
 // fp32; in the input dtype through oneDNN's brgemm or through this file's bf16 register tiles (bf16_products); or in
 // the input dtype's emulation (tests).
-enum class Products : int { kFloat32, kInputTypeOneDNN, kInputTypeTiles, kInputTypeEmulated };
+enum class Products : int { kFloat32, kInputTypeOneDNN, kInputTypeTiles, kInputTypeAmx, kInputTypeEmulated };
 
 constexpr int kRowTile = 6;           // register tile rows
 constexpr int kColVectors = 4;        // register tile width in 16-float vectors (64 columns)
@@ -83,6 +84,7 @@ constexpr int kRowsPerQueryBlock = 96;  // packed (position, group head) rows pe
 // brgemm costs a kernel-cache lookup per call, the register tiles (bf16_products) nearly nothing
 constexpr int kMatrixChunkPositions = 48;
 constexpr int kTileChunkPositions = 16;
+constexpr int kAmxChunkPositions = 32;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 struct Strides {
@@ -447,6 +449,9 @@ void products_16bit(const Problem& p, int64_t m_rows, int64_t n_cols, int64_t de
       _mm512_storeu_ps(c + m * ldc + n, _mm512_mul_ps(_mm512_loadu_ps(c + m * ldc + n), scale));
     }
   }
+  if (p.products == Products::kInputTypeAmx) {
+    return amx::bf16_products(m_rows, n_cols, depth, lda, ldb, ldc, accumulate, a, b, c);
+  }
   if (p.products == Products::kInputTypeOneDNN) {
     if (p.type == ElementType::kBFloat16) {
       at::native::cpublas::brgemm(m_rows, n_cols, depth, lda, ldb, ldc, accumulate,
@@ -687,6 +692,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   // place (bf16): MHA D64 S=512 +4%, D128 +1.4%, GQA 32/8 D64 +1.4%, MHA D64 S=2048 +1.6%; copied (fp16), against
   // PREFETCHT0 eight rows ahead: MHA S=512 +1.4-1.8%.
   phases::Lap lap;
+  if (kMatrix && p.products == Products::kInputTypeAmx) amx::begin();
   const int64_t row_bytes = p.head_dim * element_bytes(p.type);
   for (int64_t r = 0; r < rows; ++r) prefetch_row(query_row(r), row_bytes);
   for (int64_t r = 0; r < padded_rows; ++r) {
@@ -728,8 +734,9 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   const __m512 neg_inf = _mm512_set1_ps(-kInf);
   // Rows are taken in groups that share a column range per key block: register tiles in fp32, chunks of positions
   // in 16 bits (a brgemm call each where the ranges differ).
-  const int64_t chunk_positions =
-      p.products == Products::kInputTypeTiles ? kTileChunkPositions : kMatrixChunkPositions;
+  const int64_t chunk_positions = p.products == Products::kInputTypeTiles ? kTileChunkPositions
+                                  : p.products == Products::kInputTypeAmx ? kAmxChunkPositions
+                                                                          : kMatrixChunkPositions;
   const int64_t group_rows = !kMatrix ? kRowTile : chunk_positions * group;
   const int64_t tiles = (padded_rows + group_rows - 1) / group_rows;
   lap.to(phases::kQuery);
@@ -952,6 +959,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
     lap.to(phases::kValues);
   }
   if (kMatrix && p.products == Products::kInputTypeOneDNN) at::native::cpublas::brgemm_release();
+  if (kMatrix && p.products == Products::kInputTypeAmx) amx::end();
   if (!acc_written) zero_acc();  // no key block: every row is empty
   lap.to(phases::kValues);
   auto out_row = [&](int64_t r) {
@@ -1127,8 +1135,9 @@ Products parse_products(const std::string& products, ElementType type) {
   if (products == "input_dtype_emulated") return Products::kInputTypeEmulated;
   TORCH_CHECK(input_type_supported,
               "vllm_pfa native kernel: this CPU has no 16-bit matrix instructions for this dtype");
-  const bool tiles = type == ElementType::kBFloat16 && matrix_features().avx512_bf16 && !matrix_features().amx_bf16;
-  return tiles && products != "input_dtype_onednn" ? Products::kInputTypeTiles : Products::kInputTypeOneDNN;
+  if (products == "input_dtype_onednn" || type != ElementType::kBFloat16) return Products::kInputTypeOneDNN;
+  if (matrix_features().amx_bf16) return Products::kInputTypeAmx;
+  return matrix_features().avx512_bf16 ? Products::kInputTypeTiles : Products::kInputTypeOneDNN;
 }
 
 }  // namespace
@@ -1149,6 +1158,7 @@ std::string products_route(const at::Tensor& query, const std::string& products)
     case Products::kFloat32: return "fp32";
     case Products::kInputTypeOneDNN: return "onednn";
     case Products::kInputTypeTiles: return "bf16_tiles";
+    case Products::kInputTypeAmx: return "amx_tiles";
     case Products::kInputTypeEmulated: return "emulated";
   }
   return "fp32";  // unreachable: every route is named above
@@ -1207,7 +1217,7 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
             parse_products(products, type), out_starts.empty() ? nullptr : out_starts.data(), heads, kv_heads,
             head_dim, (head_dim + 15) / 16 * 16, static_cast<float>(scale * M_LOG2E), false};
   // The emulated products keep the AVX-512F rounding: on a CPU with AVX512-BF16 the tests compare both roundings.
-  p.bf16_instructions = (p.products == Products::kInputTypeOneDNN || p.products == Products::kInputTypeTiles) &&
+  p.bf16_instructions = p.products != Products::kFloat32 && p.products != Products::kInputTypeEmulated &&
                         matrix_features().avx512_bf16;
   const bool matrix = p.products != Products::kFloat32;
   struct CallClock {  // the call's thread time, for the phase counters (charged when the call returns)
