@@ -195,6 +195,19 @@ def test_infinite_scores_as_in_the_reference(dtype, products, tol):
 
 
 @pytest.mark.parametrize("dtype,products,tol", NON_FINITE_ROUTES)
+def test_one_minus_inf_score_among_finite_ones_weighs_zero(dtype, products, tol):
+    """A -inf kept score beside finite ones weighs 0 and leaves its rows finite (with AVX512-BF16's rounding the
+    kernel's first softmax pass takes no sum of the scores that would find it)."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 300, 32, generator=gen).to(dtype) for _ in range(3))
+    q[0, 0, :, 0] = 1.0
+    k[0, 0, 20, 0] = float("-inf")  # causal: rows >= 20 of head 0 keep one -inf score
+    actual, expected = _native_and_reference(q, k, v, products=products)
+    assert bool(expected.isfinite().all())
+    _assert_same_non_finite(actual, expected, tol)
+
+
+@pytest.mark.parametrize("dtype,products,tol", NON_FINITE_ROUTES)
 def test_non_finite_values_count_only_where_kept(dtype, products, tol):
     """Policy rule 1 and 4 (reference.py): a NaN/inf value of a masked key is never read; a kept one propagates
     (inf where its weight is > 0)."""

@@ -561,11 +561,17 @@ using Weight = std::conditional_t<kFormat == WeightFormat::kFloat32, float, uint
 // 4): bf16 causal S=512 MHA D64 +3-5%, GQA 32/8 D64 +3.7%, MHA D128 +2%; MHA D64 S=1024 +2.5%; GQA D128 S=2048 +1%;
 // fp16 (fp32 weights) MHA D64 S=512 +2.4%. Returns the rows done; the others, unchanged, are for the general path:
 // a NaN or inf among the kept scores (their sum is not finite: a huge finite sum is sent there too, harmlessly), a
-// NaN row state, a scaled max that overflows.
+// NaN row state, a scaled max that overflows. With AVX512-BF16's rounding the first pass takes no sum: there a NaN
+// kept score makes its weight NaN (exp2_nonpositive<false>; VCVTNEPS2BF16 keeps it) and so the weights' sum, a -inf
+// one weighs 0 (VSCALEFPS's 2^-inf, as the reference) or NaN, and +inf makes the block max infinite, so the rows whose
+// weights do not sum to a finite value go to the general path after the second pass instead (it writes their weights
+// again). Elsewhere a NaN score's weight is masked to 0, and VMAXPS may drop a NaN from the max, so the first pass's
+// sum finds it.
 template <WeightFormat kFormat>
 __mmask16 softmax_rows_finite(float* scores, Weight<kFormat>* probs, __mmask16 rows, const RowColumns& columns,
                               float scale_value, float* row_max, float* row_sum, float* alpha) {
   constexpr ElementType type = kFormat == WeightFormat::kFloat16 ? ElementType::kFloat16 : ElementType::kBFloat16;
+  constexpr bool kCheckWeights = kFormat == WeightFormat::kBFloat16Instruction;  // else the scores' sum
   const __m512 zero = _mm512_setzero_ps(), neg_inf = _mm512_set1_ps(-kInf), scale = _mm512_set1_ps(scale_value);
   __m512 vmax[16], vsum[16];  // vsum holds the first pass's plain sums (the finiteness check), then the weights'
 #pragma GCC unroll 1
@@ -578,21 +584,21 @@ __mmask16 softmax_rows_finite(float* scores, Weight<kFormat>* probs, __mmask16 r
     int64_t c = lo;
     for (; c + 16 <= hi; c += 16) {
       const __m512 x = _mm512_loadu_ps(row + c);
-      vsum[i] = _mm512_add_ps(vsum[i], x);
+      if constexpr (!kCheckWeights) vsum[i] = _mm512_add_ps(vsum[i], x);
       vmax[i] = _mm512_max_ps(vmax[i], x);
     }
     if (c < hi) {
       const __mmask16 m = tail_mask(hi - c);
       const __m512 x = _mm512_maskz_loadu_ps(m, row + c);
-      vsum[i] = _mm512_add_ps(vsum[i], x);
+      if constexpr (!kCheckWeights) vsum[i] = _mm512_add_ps(vsum[i], x);
       vmax[i] = _mm512_mask_max_ps(vmax[i], m, vmax[i], x);
     }
   }
   auto finite = [](__m512 x) { return _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_EQ_OQ); };
   const __m512 old_max = _mm512_maskz_loadu_ps(rows, row_max);
   const __m512 block_max = _mm512_mul_ps(reduce_each(vmax, MaxOp{}), scale);
-  const __mmask16 done = rows & finite(reduce_each(vsum, AddOp{})) & finite(block_max) &
-                         _mm512_cmp_ps_mask(old_max, old_max, _CMP_ORD_Q);
+  __mmask16 done = rows & (kCheckWeights ? rows : finite(reduce_each(vsum, AddOp{}))) & finite(block_max) &
+                   _mm512_cmp_ps_mask(old_max, old_max, _CMP_ORD_Q);
   const __m512 new_max = _mm512_max_ps(old_max, block_max);  // old_max is -inf until a finite score is seen
   alignas(64) float shifts[16];
   _mm512_store_ps(shifts, new_max);
@@ -642,9 +648,10 @@ __mmask16 softmax_rows_finite(float* scores, Weight<kFormat>* probs, __mmask16 r
   }
   // alpha = exp2(old max - new max) by the fp32 path's polynomial (1e-8 relative), 0 while old max is -inf
   const __m512 rescale = exp2_nonpositive(_mm512_sub_ps(old_max, new_max), kExp2Float32);
+  const __m512 weight_sums = reduce_each(vsum, AddOp{});
+  if constexpr (kCheckWeights) done &= finite(weight_sums);
   _mm512_mask_storeu_ps(alpha, done, rescale);
-  _mm512_mask_storeu_ps(row_sum, done,
-                        _mm512_fmadd_ps(_mm512_maskz_loadu_ps(done, row_sum), rescale, reduce_each(vsum, AddOp{})));
+  _mm512_mask_storeu_ps(row_sum, done, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(done, row_sum), rescale, weight_sums));
   _mm512_mask_storeu_ps(row_max, done, new_max);
   return done;
 }
