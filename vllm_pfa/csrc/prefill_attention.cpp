@@ -692,8 +692,10 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   // One query head's rows are its positions at one stride: with no padded dims the 16-bit products read them in
   // place, a call per head of the group. Copied, each row (a token apart, a page apart where tokens are wide) is a
   // cache miss the copy waits on. Zen 4, bf16 causal, S=512: MHA +6-8%; GQA +2% (four calls of a quarter the rows
-  // cost about what the copy did), S >= 1024 within 1%.
-  const bool q_in_place = kMatrix && p.head_dim == dp;
+  // cost about what the copy did), S >= 1024 within 1%. On AMX a GQA head's rows are copied: in place a head's 96 /
+  // group rows fill 16-row tiles only partly (24 rows: 16 + 8), copied the group's rows are one call of whole tiles
+  // (in-process A/B, Intel Xeon with AMX: 32/8 D64 S=512 +0-1%, D128 S=512 +1%, D128 S=2048 +5%; MHA unchanged).
+  const bool q_in_place = kMatrix && p.head_dim == dp && (group == 1 || p.products != Products::kInputTypeAmx);
   // Query rows of one head sit a whole token apart (BSND), which the hardware prefetcher does not follow: all the
   // block's rows are prefetched into L2 first, like K and V (see prefetch_keys). In-process A/B, Zen 4, causal, read in
   // place (bf16): MHA D64 S=512 +4%, D128 +1.4%, GQA 32/8 D64 +1.4%, MHA D64 S=2048 +1.6%; copied (fp16), against
