@@ -4,7 +4,7 @@
 #include <torch/extension.h>
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Native CPU kernels of vllm_pfa: prefill attention (AVX-512, oneDNN brgemm) and the paged K/V gather";
+  m.doc() = "Native CPU kernels of vllm_pfa: prefill attention (AVX-512, AMX, oneDNN brgemm) and the paged K/V gather";
   m.def("cpu_supported", &vllm_pfa::cpu_supported, "True when this CPU has the instructions prefill_attention needs");
   m.def("prefill_attention", &vllm_pfa::prefill_attention, "Banded causal prefill attention into `out`",
         pybind11::arg("query"), pybind11::arg("key"), pybind11::arg("value"), pybind11::arg("out"),
@@ -20,7 +20,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "instructions) or fp32", pybind11::arg("query"));
   m.def("products_route", &vllm_pfa::products_route,
         "The route of prefill_attention's products for this query dtype and products argument here: fp32, onednn, "
-        "bf16_tiles or emulated", pybind11::arg("query"), pybind11::arg("products") = "auto");
+        "bf16_tiles, amx_tiles or emulated", pybind11::arg("query"), pybind11::arg("products") = "auto");
+  m.def("advise_huge_pages", &vllm_pfa::advise_huge_pages,
+        "Asks Linux for huge pages behind a CPU tensor's memory (the whole 2 MiB pages of its storage; advisory)",
+        pybind11::arg("tensor"));
   m.def("fp32_fma_peak_gflops", &vllm_pfa::fp32_fma_peak_gflops,
         "The fp32 FMA rate of all threads in an AVX-512 FMA loop (GFLOP/s): the benchmarks' fp32 peak line",
         pybind11::arg("seconds") = 0.5);

@@ -17,7 +17,7 @@ bool cpu_supported();
 
 // Banded prefill attention into `out` (prefill_attention.cpp). products: "auto" (16-bit matrix products where this
 // CPU has them for the dtype, else fp32), "fp32", "input_dtype", "input_dtype_onednn" (oneDNN's brgemm even where
-// the kernel's own bf16 register tiles would run; tests), "input_dtype_emulated" (tests). out_starts
+// the kernel's own bf16 register or AMX tiles would run; tests), "input_dtype_emulated" (tests). out_starts
 // (optional): out is [1, N, S, D] and batch b's query row i goes to out[0, :, out_starts[b] + i] (vLLM's token rows).
 void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                        const std::vector<int64_t>& q_lens, const std::vector<int64_t>& kv_lens,
@@ -32,8 +32,14 @@ std::vector<std::pair<std::string, uint64_t>> phase_cycles(bool enable);
 std::string products_for(const at::Tensor& query);
 
 // The route prefill_attention's products take for this query dtype and `products` argument on this CPU: "fp32",
-// "onednn" (PyTorch's brgemm), "bf16_tiles" (the kernel's own AVX512-BF16 register tiles) or "emulated".
+// "onednn" (PyTorch's brgemm), "bf16_tiles" (the kernel's own AVX512-BF16 register tiles), "amx_tiles" (its own AMX
+// tiles) or "emulated".
 std::string products_route(const at::Tensor& query, const std::string& products);
+
+// Asks Linux for huge pages behind a CPU tensor's memory (the whole 2 MiB pages of its storage; advisory): a
+// multi-MB output the operator allocates is mapped fresh on each call, and its first write otherwise takes a page
+// fault per 4 KiB (prefill_attention.cpp).
+void advise_huge_pages(const at::Tensor& tensor);
 
 // The first seq_len tokens of a request's paged K/V into dense [tokens, kv_heads, head] outputs (paged_kv_gather.cpp).
 void gather_paged_kv(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_ids,
