@@ -1,6 +1,10 @@
 // The kernel's bf16 products on AMX tiles, written here rather than taken from oneDNN's brgemm: PyTorch's brgemm looks
 // its kernel up in a cache and may load a tile configuration on every call, and the kernel makes a call per (query
 // block, key block) and product, alternating two shapes (Q K^T and P V). These calls take the tiles as they are.
+// In-process against brgemm (the same build, its two routes alternating, 30 calls each; Intel Xeon with AMX, 2
+// threads, bf16 causal): 32/8 D64 S=512 +9-11%, 32/32 D64 S=512 +14-19%, 9/3 D64 S=512 +3-7%, 32/8 D128 S=512 +0-6%,
+// S=2048 +11-17%, 32/32 D128 S=2048 +15-19%. Running a product a step at a time between the softmax's rows instead
+// (the tile unit beside the AVX-512 units) measured no gain (benchmarks/kernel_performance.md, "AMX").
 //
 // Tiles per 32 x 32 block of C (2 x 2): A rows 0-15 and 16-31 (tmm0, tmm1), B columns 0-15 and 16-31 (tmm2, tmm3), the
 // four C tiles (tmm4-7); a step takes 32 of depth (a TDPBF16PS each). A depth that is not a multiple of 32 (the P V of

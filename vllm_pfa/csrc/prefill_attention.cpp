@@ -9,10 +9,12 @@
 // to the fp32 scores of 16-bit products, where a scaled Q would be rounded), the output is rounded once to the
 // output dtype (round-to-nearest-even). The two matrix products run one of two ways:
 // - in the 16-bit input dtype (bf16/fp16 inputs, where oneDNN has micro-kernels for this CPU: AVX512-BF16, AMX):
-//   K and V are packed once per unit in the VNNI pair layout and every Q K^T and P V block is one
-//   at::native::cpublas::brgemm call with fp32 accumulation; bf16 on a CPU with AVX512-BF16 and no AMX runs the same
-//   products in this file's VDPBF16PS register tiles instead (the instruction oneDNN uses there, without its per-call
-//   cost; bf16_products). P is rounded to the input dtype before P V, as the
+//   K and V are packed once per unit in the VNNI pair layout and every Q K^T and P V block is one product with fp32
+//   accumulation: bf16 on the kernel's own AMX tiles where the CPU has AMX-BF16 (amx_products.cpp: TDPBF16PS, as
+//   oneDNN's AMX kernels, without brgemm's kernel lookup and tile configuration per call), in this file's VDPBF16PS
+//   register tiles on a CPU with AVX512-BF16 and no AMX (the instruction oneDNN uses there, without its per-call
+//   cost; bf16_products), fp16 through an at::native::cpublas::brgemm call (AMX-FP16). P is rounded to the input
+//   dtype before P V, as the
 //   NPU does (its cube unit takes 16-bit operands); the row sums use the rounded weights, so each output row is a
 //   convex combination of V rows with weights exact to the input dtype's precision (bf16: 2^-9 relative).
 // - in fp32 (everything else): K/V converted to fp32, hand-written AVX-512 FMA register tiles. oneDNN's fp32
@@ -34,11 +36,14 @@
 // products per key that grow with S), the per-block bookkeeping. The kernel's own phase counters (phase_cycles.h,
 // switched on at run time; benchmarks/kernel_phases.py) agree, same machine, 2 threads, bf16 causal, shares of the
 // calls' thread time: D64 S=512 Q K^T 36-39%, P V 33-35%, softmax 14-15%, output 4-6%, packing 1-6% (MHA the most),
-// Q 2%, the rest (scheduling, waiting) 2-4%; D128 S=2048 the products 86%, softmax 8.5%. On AMX, brgemm's products
-// run 2.3-5.9x faster than these tiles would (measured on an Emerald Rapids Xeon) and the softmax and its bookkeeping
-// dominate; the counters are how to see it there, where no profiler runs. The figures behind the choices in this
-// file (profiles, builds that skip a phase, in-process A/Bs of what was kept and what was not) are in
-// benchmarks/kernel_performance.md; benchmarks/ab_builds.py repeats such an A/B.
+// Q 2%, the rest (scheduling, waiting) 2-4%; D128 S=2048 the products 86%, softmax 8.5%. On AMX the products run
+// 2.3-5.9x faster than the VDPBF16PS tiles would (brgemm, measured on an Emerald Rapids Xeon) and the softmax and
+// the per-row work dominate (the counters, Intel Xeon with AMX, 2 threads, bf16 causal, the kernel's own AMX tiles:
+// GQA 32/8 D128 S=2048 Q K^T 24%, softmax 34%, P V 24%, output 9%, query 6%, packing 3%; D64 S=512 softmax 30-34%,
+// the products 39-41%, query and output 15-20%, packing 4-13%); the counters are how to see it there, where no
+// profiler runs. The figures behind the choices in this file (profiles, builds that skip a phase, in-process A/Bs of
+// what was kept and what was not) are in benchmarks/kernel_performance.md; benchmarks/ab_builds.py repeats such an
+// A/B.
 
 #include "amx_products.h"
 #include "ops.h"
@@ -69,8 +74,8 @@ namespace vllm_pfa {
 enum class ElementType : int { kFloat32, kFloat16, kBFloat16 };
 
 // How the two matrix products are computed (see the header comment), decided once per call by parse_products: in
-// fp32; in the input dtype through oneDNN's brgemm or through this file's bf16 register tiles (bf16_products); or in
-// the input dtype's emulation (tests).
+// fp32; in the input dtype through oneDNN's brgemm, this file's bf16 register tiles (bf16_products) or the AMX tiles
+// (amx_products.cpp); or in the input dtype's emulation (tests).
 enum class Products : int { kFloat32, kInputTypeOneDNN, kInputTypeTiles, kInputTypeAmx, kInputTypeEmulated };
 
 constexpr int kRowTile = 6;           // register tile rows
@@ -81,7 +86,8 @@ constexpr int kColVectors = 4;        // register tile width in 16-float vectors
 constexpr int kKeyBlock = 512;
 constexpr int kRowsPerQueryBlock = 96;  // packed (position, group head) rows per work item
 // 16-bit products: positions per call where rows keep different keys (a block on a causal diagonal); oneDNN's
-// brgemm costs a kernel-cache lookup per call, the register tiles (bf16_products) nearly nothing
+// brgemm costs a kernel-cache lookup per call, the register tiles (bf16_products) and the AMX tiles nearly nothing
+// (on AMX, 16 and 48 positions measured within noise of 32: benchmarks/kernel_performance.md)
 constexpr int kMatrixChunkPositions = 48;
 constexpr int kTileChunkPositions = 16;
 constexpr int kAmxChunkPositions = 32;
@@ -181,9 +187,9 @@ inline const char* at_element(const void* base, ElementType type, int64_t offset
 
 // 2^x for x <= 0 as 2^n * q(f), n = round(x), f = x - n in [-0.5, 0.5], q a polynomial (coefficients from the highest
 // degree); exactly 0 below 2^-126 (and for -inf, the masked scores). kZeroBelow false skips that compare for a caller
-// that flushes subnormal results itself and masks the lanes of -inf inputs, which become NaN (VCVTNEPS2BF16 reads a
+// that flushes subnormal results itself and masks the lanes of -inf inputs, whose f is NaN (VCVTNEPS2BF16 reads a
 // subnormal input as 0, and what is subnormal here is exactly what the compare zeroes): one instruction of ~14 per 16
-// weights.
+// weights. (VSCALEFPS of that NaN by 2^-inf gave 0 on an Intel Xeon with AMX; softmax_rows_finite takes either.)
 template <bool kZeroBelow = true, size_t kTerms>
 inline __m512 exp2_nonpositive(__m512 x, const float (&coefficients)[kTerms]) {
   __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -742,7 +748,7 @@ void attend_block(const Problem& p, const BatchBand& band, int64_t batch, int64_
   };
   const __m512 neg_inf = _mm512_set1_ps(-kInf);
   // Rows are taken in groups that share a column range per key block: register tiles in fp32, chunks of positions
-  // in 16 bits (a brgemm call each where the ranges differ).
+  // in 16 bits (a product call each where the ranges differ).
   const int64_t chunk_positions = p.products == Products::kInputTypeTiles ? kTileChunkPositions
                                   : p.products == Products::kInputTypeAmx ? kAmxChunkPositions
                                                                           : kMatrixChunkPositions;
@@ -1173,7 +1179,9 @@ std::string products_for(const at::Tensor& query) {
 
 void advise_huge_pages(const at::Tensor& tensor) {
   const c10::Storage& storage = tensor.storage();
-  if (tensor.device().is_cpu() && storage.data() != nullptr) advise_huge_pages(storage.mutable_data(), storage.nbytes());
+  if (tensor.device().is_cpu() && storage.data() != nullptr) {
+    advise_huge_pages(storage.mutable_data(), storage.nbytes());
+  }
 }
 
 std::string products_route(const at::Tensor& query, const std::string& products) {
