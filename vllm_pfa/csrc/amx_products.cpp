@@ -66,7 +66,9 @@ void configure(const Layout& layout) {
     tile(6, layout.rows0, 64);
     tile(7, layout.rows1, 64);
   }
-  _tile_loadconfig(&config);
+  // Not _tile_loadconfig: GCC's version names only the configuration's first 8 bytes as the assembly's input, so the
+  // stores of the rest could be dropped as dead; here the whole configuration is the input.
+  __asm__ volatile("ldtilecfg %0" : : "m"(config));
   loaded = layout;
 }
 
@@ -121,6 +123,8 @@ void bf16_products(int64_t m_rows, int64_t n_cols, int64_t depth, int64_t lda, i
       }
       continue;
     }
+    // The second layout. Its steps repeat the first's with other tiles: GCC's tile intrinsics paste the tile number
+    // into their assembly, so it must be a literal, not a parameter of a shared function.
     for (int64_t col = 0; col < n_cols; col += 16) {
       if (accumulate) {
         _tile_loadd(6, c0 + col, c_stride);

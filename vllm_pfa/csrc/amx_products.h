@@ -1,4 +1,6 @@
-// The kernel's bf16 products on AMX tiles (amx_products.cpp).
+// The kernel's bf16 products on AMX tiles (amx_products.cpp). GCC's tile intrinsics are assembly without a memory
+// clobber, so the compiler does not see their loads and stores: these functions stay in their own translation unit
+// (not inlined), where a call orders the caller's accesses to A, B and C around them.
 #pragma once
 
 #include <cstdint>
