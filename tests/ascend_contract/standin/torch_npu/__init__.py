@@ -103,6 +103,10 @@ sys.modules["torch_npu._C"] = _C
 _npu.is_available = lambda: False
 _npu.is_initialized = lambda: False
 _npu.device_count = lambda: 0
+# torch.manual_seed seeds the PrivateUse1 device's generators through these two (torch_npu.npu has both), and warns
+# "Set seed for `npu` device does not take effect" where they are missing; with no NPU there is nothing to seed.
+_npu._is_in_bad_fork = lambda: False
+_npu.manual_seed_all = lambda seed: None
 
 
 def _needs_an_npu(name: str):
