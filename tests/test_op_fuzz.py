@@ -5,9 +5,9 @@ reference (NaN and inf at the same places), and, where cheap, the reference equa
 test_op_reference. Cases drawn: all layouts and dtypes (int8 quant parameters included), GQA, every sparse mode,
 masks of every accepted shape and dtype, actual lengths as lists, tuples and tensors, pse, pre/next tokens at
 their extremes, NaN/inf in q/k/v/pse, scales of either sign, 0, inf and NaN, offset and size-1-restrided tensors
-(D = 1 among them), zero-size axes, and one deliberate violation per invalid case. (Scales far from 1/sqrt(D), such as
-1e4, are left out: the scores' fp32 rounding then moves the weights beyond the dtype tolerances on every route, the
-reference's included.)
+(D = 1 among them), zero-size axes, outputs on pages mapped for them whatever their size, and one deliberate
+violation per invalid case. (Scales far from 1/sqrt(D), such as 1e4, are left out: the scores' fp32 rounding then
+moves the weights beyond the dtype tolerances on every route, the reference's included.)
 
 The Python paths (reference, blockwise, SDPA, vLLM's kernel) run here with the native kernel switched off. Cases
 that reach the native kernel (vllm_pfa._C) run in a subprocess that loops over many seeded cases and reports
@@ -17,6 +17,7 @@ CI); `pytest --fuzz-examples=N` runs N per part. A failing case is printed as it
 
 import json
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -94,6 +95,8 @@ def cases(draw, native: bool = False, non_finite: bool | None = None):
         spec["mutation"], spec["mutation_pick"] = pick(*MUTATIONS), r.randrange(2**16)
     if not native:
         spec["route"] = pick("auto", "auto", "blockwise", "sdpa")
+    else:  # the output on pages mapped for it (`native_kernel.FRESH_PAGES_OUTPUT_BYTES`) whatever its size
+        spec["fresh_pages"] = chance(0.5)
     return spec
 
 
@@ -359,7 +362,8 @@ def check_native_case(spec: dict, calls: list) -> None:
     """One case through the public op, native kernel on; each kernel run appends to `calls`."""
     q, k, v, kwargs, expected = build(spec)
     assert expected is None, spec
-    with counting_native_runs(calls):
+    fresh_from = 0 if spec.get("fresh_pages") else native_kernel.FRESH_PAGES_OUTPUT_BYTES
+    with counting_native_runs(calls), mock.patch.object(native_kernel, "FRESH_PAGES_OUTPUT_BYTES", fresh_from):
         actual = npu_prompt_flash_attention(q, k, v, **kwargs)
     _assert_same(actual, reference_npu_prompt_flash_attention(q, k, v, **kwargs), TOLERANCE[q.dtype])
 

@@ -1,5 +1,6 @@
-"""The operator's large outputs on huge pages (`native_kernel.HUGE_PAGE_OUTPUT_BYTES`): each call maps such an output
-afresh, and on 4 KiB pages its first write took a fault per page."""
+"""The operator's large outputs on pages mapped for them (`native_kernel.FRESH_PAGES_OUTPUT_BYTES`,
+`_C.padded_output`): zeros until written, so rows past actual_seq_lengths need no fill and their pages are never
+touched; the rows the kernel writes faulted in before it starts, on huge pages where Linux grants them."""
 
 from pathlib import Path
 
@@ -12,60 +13,105 @@ pytestmark = pytest.mark.skipif(not native_kernel.available(),
                                 reason="the native kernel needs an AVX-512 CPU and a built _C")
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+MIB = 1 << 20
 
 
-def _huge_bytes_within(start: int, size: int) -> int:
-    """AnonHugePages (bytes) of this process's mappings that overlap [start, start + size): madvise splits the
-    tensor's mapping at the huge pages' bounds."""
+def _mapping_bytes(start: int, size: int, field: str) -> int:
+    """`field` (Rss, AnonHugePages: bytes) of this process's mappings that overlap [start, start + size): madvise
+    splits the tensor's mapping at the huge pages' bounds."""
     total, inside = 0, False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         first = line.split()[0]
         if "-" in first and ":" not in first:  # a mapping's header: start-end perms ...
             lo, hi = (int(x, 16) for x in first.split("-"))
             inside = lo < start + size and start < hi
-        elif inside and first == "AnonHugePages:":
+        elif inside and first == f"{field}:":
             total += int(line.split()[1]) * 1024
     return total
 
 
+def _output(lengths, seq_axis=1, seq=2048, heads=32, dim=128, dtype=torch.bfloat16):
+    sizes = [len(lengths), seq, heads, dim] if seq_axis == 1 else [len(lengths), heads, seq, dim]
+    return native_kernel.extension().padded_output(sizes, dtype, seq_axis, lengths)
+
+
+@pytest.mark.parametrize("seq_axis", [1, 2], ids=["BSND", "BNSD"])
+def test_written_rows_are_resident_and_the_padding_untouched(seq_axis):
+    """64 MiB, batch 0's 16 MiB of rows below its length: resident before anything writes them (populated), the
+    other batches' rows not (never faulted), and all of it reads as zeros."""
+    out = _output([2048, 0, 0, 0], seq_axis)
+    rss = _mapping_bytes(out.data_ptr(), out.nbytes, "Rss")
+    assert 16 * MIB <= rss <= 20 * MIB, rss
+    assert out.is_contiguous() and out.dtype == torch.bfloat16 and out.nbytes == 64 * MIB
+    assert not bool(out.any())
+
+
 @pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(),
                     reason="Linux's transparent huge pages are off or absent here")
-def test_a_large_fresh_tensor_gets_huge_pages():
-    out = torch.empty(64 << 20, dtype=torch.uint8)
-    native_kernel.extension().advise_huge_pages(out)
-    out.fill_(1)
-    assert _huge_bytes_within(out.data_ptr(), out.nbytes) >= 32 << 20
+def test_written_rows_get_huge_pages():
+    out = _output([2048, 2048, 2048, 2048])
+    assert _mapping_bytes(out.data_ptr(), out.nbytes, "AnonHugePages") >= 32 * MIB
 
 
-@pytest.mark.parametrize("tensor", [torch.empty(0), torch.empty(3, 5)[:, 1:], torch.empty(10, 1 << 20)[::3].t(),
-                                    torch.empty(1, dtype=torch.bfloat16)], ids=["empty", "small", "strided", "one"])
-def test_advice_takes_any_cpu_tensor(tensor):
-    native_kernel.extension().advise_huge_pages(tensor)
+@pytest.mark.parametrize("lengths, sizes, seq_axis", [
+    ([5, -3, 99], [3, 7, 2, 3], 1),  # lengths past the axis and below 0: clamped
+    ([0, 0], [2, 3, 4, 5], 2),
+    ([1], [1, 0, 2, 3], 1),  # zero-size axes: no memory
+    ([4], [1, 4, 2, 0], 2),
+    ([], [0, 4, 2, 8], 1),
+], ids=["clamped", "nothing_written", "no_rows", "no_dim", "no_batch"])
+def test_any_sizes_and_lengths(lengths, sizes, seq_axis):
+    out = native_kernel.extension().padded_output(sizes, torch.float32, seq_axis, lengths)
+    assert list(out.shape) == sizes and out.is_contiguous()
+    assert not bool(out.any())
+    out.fill_(2.0)
+    assert bool((out == 2.0).all())
 
 
-def test_large_outputs_are_advised_and_exact(monkeypatch):
-    """A padded batch whose output passes the threshold: the advice is asked for it, and its rows are the kernel's
-    (rows past a batch's length 0), as without the advice."""
+def test_malformed_requests_are_refused():
+    padded_output = native_kernel.extension().padded_output
+    for args in (([2, 3, 4], 1, [1, 1]), ([2, 3, 4, 5], 3, [1, 1]), ([2, 3, 4, 5], 1, [1])):
+        with pytest.raises(RuntimeError, match="padded_output"):
+            padded_output(args[0], torch.float32, *args[1:])
+
+
+def test_the_output_resizes_keeping_its_values():
+    out = native_kernel.extension().padded_output([1, 3, 2, 4], torch.float32, 1, [3])
+    out.copy_(torch.arange(24.0).view(1, 3, 2, 4))
+    out.resize_(40 * MIB // 4)
+    assert torch.equal(out[:24], torch.arange(24.0))
+
+
+@pytest.mark.parametrize("layout", ["BSND", "BNSD", "BSH"])
+def test_large_outputs_take_fresh_pages_and_are_exact(monkeypatch, layout):
+    """A padded batch whose output passes the threshold gets padded_output (seq_axis per layout, the batches'
+    lengths), and its rows equal the path that writes the padding's zeros."""
     gen = torch.Generator().manual_seed(0)
-    lens = [300, 17]
-    q, k, v = (torch.randn(2, 300, heads, 64, generator=gen).bfloat16() for heads in (8, 2, 2))
-    kwargs = dict(num_heads=8, num_key_value_heads=2, input_layout="BSND", scale_value=0.125, sparse_mode=3,
+    lens = [300, 17, 0]
+    q, k, v = (torch.randn(3, 300, heads, 64, generator=gen).bfloat16() for heads in (8, 2, 2))
+    if layout == "BNSD":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    elif layout == "BSH":
+        q, k, v = (t.flatten(2) for t in (q, k, v))
+    kwargs = dict(num_heads=8, num_key_value_heads=2, input_layout=layout, scale_value=0.125, sparse_mode=3,
                   atten_mask=compressed_causal_mask(), actual_seq_lengths=lens)
-    monkeypatch.setattr(native_kernel, "HUGE_PAGE_OUTPUT_BYTES", 1 << 60)
-    plain = npu_prompt_flash_attention(q, k, v, **kwargs)
-    advised = []
+    monkeypatch.setattr(native_kernel, "FRESH_PAGES_OUTPUT_BYTES", 1 << 60)
+    filled = npu_prompt_flash_attention(q, k, v, **kwargs)
+    requests = []
     extension = native_kernel.extension()
 
     class Spy:
         def __getattr__(self, name):
             return getattr(extension, name)
 
-        def advise_huge_pages(self, tensor):
-            advised.append(tensor.nbytes)
-            extension.advise_huge_pages(tensor)
+        def padded_output(self, *args):
+            requests.append(args[2:])
+            return extension.padded_output(*args)
 
-    monkeypatch.setattr(native_kernel, "HUGE_PAGE_OUTPUT_BYTES", plain.nbytes)
+    monkeypatch.setattr(native_kernel, "FRESH_PAGES_OUTPUT_BYTES", filled.nbytes)
     monkeypatch.setattr(native_kernel, "extension", lambda: Spy())
-    assert torch.equal(npu_prompt_flash_attention(q, k, v, **kwargs), plain)
-    assert advised == [plain.nbytes]
-    assert bool((plain[1, 17:] == 0).all())
+    fresh = npu_prompt_flash_attention(q, k, v, **kwargs)
+    assert requests == [(2 if layout == "BNSD" else 1, lens)]
+    assert torch.equal(fresh, filled)
+    rows_past = filled[1, :, 17:] if layout == "BNSD" else filled[1, 17:]
+    assert not bool(rows_past.any()) and not bool(filled[2].any())

@@ -21,9 +21,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("products_route", &vllm_pfa::products_route,
         "The route of prefill_attention's products for this query dtype and products argument here: fp32, onednn, "
         "bf16_tiles, amx_tiles or emulated", pybind11::arg("query"), pybind11::arg("products") = "auto");
-  m.def("advise_huge_pages", &vllm_pfa::advise_huge_pages,
-        "Asks Linux for huge pages behind a CPU tensor's memory (the whole 2 MiB pages of its storage; advisory)",
-        pybind11::arg("tensor"));
+  m.def("padded_output", &vllm_pfa::padded_output,
+        "The operator's padded output [B, S, N, D] (seq_axis 1) or [B, N, S, D] (seq_axis 2) on fresh pages: zeros "
+        "until written, the rows below each batch's length faulted in", pybind11::arg("sizes"), pybind11::arg("dtype"),
+        pybind11::arg("seq_axis"), pybind11::arg("lengths"));
   m.def("fp32_fma_peak_gflops", &vllm_pfa::fp32_fma_peak_gflops,
         "The fp32 FMA rate of all threads in an AVX-512 FMA loop (GFLOP/s): the benchmarks' fp32 peak line",
         pybind11::arg("seconds") = 0.5);

@@ -36,10 +36,11 @@ std::string products_for(const at::Tensor& query);
 // tiles) or "emulated".
 std::string products_route(const at::Tensor& query, const std::string& products);
 
-// Asks Linux for huge pages behind a CPU tensor's memory (the whole 2 MiB pages of its storage; advisory): a
-// multi-MB output the operator allocates is mapped fresh on each call, and its first write otherwise takes a page
-// fault per 4 KiB (prefill_attention.cpp).
-void advise_huge_pages(const at::Tensor& tensor);
+// The operator's padded output: a new contiguous CPU tensor of sizes [B, S, N, D] (seq_axis 1) or [B, N, S, D]
+// (seq_axis 2) on memory mapped for it, which reads as zeros until written (rows past lengths[b] need no fill),
+// huge pages asked for, and the rows below lengths[b] faulted in before the kernel writes them (output_memory.cpp).
+at::Tensor padded_output(const std::vector<int64_t>& sizes, at::ScalarType dtype, int64_t seq_axis,
+                         const std::vector<int64_t>& lengths);
 
 // The first seq_len tokens of a request's paged K/V into dense [tokens, kv_heads, head] outputs (paged_kv_gather.cpp).
 void gather_paged_kv(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_ids,

@@ -46,6 +46,7 @@
 // A/B.
 
 #include "amx_products.h"
+#include "huge_pages.h"
 #include "ops.h"
 #include "phase_cycles.h"
 #include "transpose.h"
@@ -56,7 +57,6 @@
 
 #include <cpuid.h>
 #include <immintrin.h>
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
@@ -1028,16 +1028,6 @@ Buffer allocate(int64_t floats) {
   return Buffer(ptr);
 }
 
-constexpr size_t kHugePage = size_t(2) << 20;
-
-// Asks for huge pages behind the whole 2 MiB pages of [ptr, ptr + bytes) (advisory: ignored where unsupported).
-void advise_huge_pages(void* ptr, size_t bytes) {
-  const uintptr_t start = reinterpret_cast<uintptr_t>(ptr);
-  const uintptr_t first = (start + kHugePage - 1) / kHugePage * kHugePage;
-  const uintptr_t last = (start + bytes) / kHugePage * kHugePage;
-  if (first < last) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-}
-
 // The fp32 K/V copies, kept per calling thread between calls: a fresh multi-MB buffer each call costs a page
 // fault per 4 KiB (measured: MHA S=512 lost a fifth of its speed to them). Huge pages where the kernel allows.
 float* kv_scratch(int64_t floats) {
@@ -1175,13 +1165,6 @@ std::vector<std::pair<std::string, uint64_t>> phase_cycles(bool enable) {
 
 std::string products_for(const at::Tensor& query) {
   return parse_products("auto", element_type(query)) == Products::kFloat32 ? "fp32" : "input_dtype";
-}
-
-void advise_huge_pages(const at::Tensor& tensor) {
-  const c10::Storage& storage = tensor.storage();
-  if (tensor.device().is_cpu() && storage.data() != nullptr) {
-    advise_huge_pages(storage.mutable_data(), storage.nbytes());
-  }
 }
 
 std::string products_route(const at::Tensor& query, const std::string& products) {

@@ -13,6 +13,7 @@ Rows with no key, and rows past aq, are 0, as in PFA. Masks of modes 0/1 and pse
 """
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +25,13 @@ from vllm_pfa.ops.validation import FLOAT_DTYPES, PFAProblem, validate
 
 logger = init_logger(__name__)
 
-# Outputs from this size get huge pages: above glibc's mmap threshold (32 MiB at most) each call's output is mapped
-# afresh, and its first write took a page fault per 4 KiB (64 MiB, Intel Xeon: 18.2 ms to fill fresh, 6.1 ms with
-# huge pages, 2.7 ms reused). Smaller ones may come from reused heap memory, where the advice changes nothing.
-HUGE_PAGE_OUTPUT_BYTES = 4 << 20
+# Outputs from this size are mapped for the call (`_C.padded_output`): memory that reads as zeros, so rows past
+# actual_seq_lengths need no fill and their whole pages are never touched, the rows the kernel writes faulted in
+# before it starts (huge pages where Linux grants them): bf16 lengths 2048/1000/517/130 padded to 2048, 64 MiB, 62
+# -> 46 ms a call (output_memory.cpp). Under glibc, PyTorch's own allocation of this size is a fresh mapping too
+# (above malloc's largest mmap threshold, 32 MiB); smaller outputs come from reused heap memory, where writing the
+# zeros costs less than new pages.
+FRESH_PAGES_OUTPUT_BYTES = 32 << 20
 
 @functools.cache
 def extension():
@@ -65,15 +69,17 @@ def run(query, key, value, problem: PFAProblem, bands: list[tuple[int, int]], *,
     """The op's result; `products` forces one way of multiplying (tests: "fp32", "input_dtype_emulated")."""
     p = problem
     # The output is allocated in its final memory order, so `from_bnsd` below copies nothing.
-    if p.layout == "BNSD":
-        out = torch.empty(p.batch, p.num_heads, p.q_seq, p.head_dim, dtype=query.dtype)
-    else:
-        out = torch.empty(p.batch, p.q_seq, p.num_heads, p.head_dim, dtype=query.dtype).transpose(1, 2)
-    if out.nbytes >= HUGE_PAGE_OUTPUT_BYTES:
-        extension().advise_huge_pages(out)
-    for b, aq in enumerate(p.actual_q):
-        if aq < p.q_seq:
-            out[b, :, aq:] = 0
+    sizes = [p.batch, p.num_heads, p.q_seq, p.head_dim] if p.layout == "BNSD" else \
+        [p.batch, p.q_seq, p.num_heads, p.head_dim]
+    fresh = math.prod(sizes) * query.element_size() >= FRESH_PAGES_OUTPUT_BYTES
+    out = extension().padded_output(sizes, query.dtype, 2 if p.layout == "BNSD" else 1, list(p.actual_q)) if fresh \
+        else torch.empty(sizes, dtype=query.dtype)
+    if p.layout != "BNSD":
+        out = out.transpose(1, 2)
+    if not fresh:  # a fresh mapping's rows past the lengths read as 0 already
+        for b, aq in enumerate(p.actual_q):
+            if aq < p.q_seq:
+                out[b, :, aq:] = 0
     # The kernel reads rows of D elements at stride 1 (what to_bnsd gives a contiguous input); other strides are free.
     q, k, v = (to_bnsd(t, p.layout, heads) for t, heads in
                ((query, p.num_heads), (key, p.num_kv_heads), (value, p.num_kv_heads)))
