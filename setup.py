@@ -18,7 +18,8 @@ from setuptools import setup
 
 SOURCES = ["vllm_pfa/csrc/bindings.cpp", "vllm_pfa/csrc/prefill_attention.cpp", "vllm_pfa/csrc/paged_kv_gather.cpp",
            "vllm_pfa/csrc/fma_peak.cpp", "vllm_pfa/csrc/amx_products.cpp",
-           "vllm_pfa/csrc/output_memory.cpp"]
+           "vllm_pfa/csrc/output_memory.cpp", "vllm_pfa/csrc/operator_call.cpp",
+           "vllm_pfa/csrc/argument_signature.cpp"]
 
 
 def _why_not_native() -> str | None:

@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pfa_cases import count_ops, make_qkv
-from vllm_pfa.ops import api, compressed_causal_mask, npu_prompt_flash_attention, npu_trans_quant_param
+from vllm_pfa.ops import api, compressed_causal_mask, npu_prompt_flash_attention, npu_trans_quant_param, validation
 
 MASK = compressed_causal_mask()
 
@@ -246,9 +246,12 @@ def test_integer_lengths_tensors_and_tuples_are_accepted():
 
 
 def _counting_validate(monkeypatch) -> list:
+    """Counts validations: the public function's (through `validation.validate_plain_call`) and the op's."""
     calls = []
-    real = api.validate
-    monkeypatch.setattr(api, "validate", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    real = validation.validate
+    counting = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(api, "validate", counting)
+    monkeypatch.setattr(validation, "validate", counting)
     return calls
 
 

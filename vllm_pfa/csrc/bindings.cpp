@@ -1,4 +1,5 @@
 // Python bindings of vllm_pfa._C.
+#include "argument_signature.h"
 #include "ops.h"
 
 #include <torch/extension.h>
@@ -11,6 +12,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("q_lens"), pybind11::arg("kv_lens"), pybind11::arg("lo_offsets"),
         pybind11::arg("hi_offsets"), pybind11::arg("scale"), pybind11::arg("products") = "auto",
         pybind11::arg("out_starts") = std::vector<int64_t>{});
+  m.def("run_operator", &vllm_pfa::run_operator,
+        "The operator's result on the native kernel: the layout's views, the output (rows past q_lens zero), the kernel",
+        pybind11::arg("query"), pybind11::arg("key"), pybind11::arg("value"), pybind11::arg("layout"),
+        pybind11::arg("num_heads"), pybind11::arg("num_kv_heads"), pybind11::arg("q_lens"), pybind11::arg("kv_lens"),
+        pybind11::arg("lo_offsets"), pybind11::arg("hi_offsets"), pybind11::arg("scale"), pybind11::arg("products"),
+        pybind11::arg("fresh_pages_from_bytes"));
+  m.def("tensor_signature", &vllm_pfa::tensor_signature,
+        "bytes of each object's dtype, device, sizes and strides (None for None), or None where one is not a plain "
+        "strided torch.Tensor: the tensor part of the operator's validation memo key", pybind11::arg("objects"));
   m.def("phase_cycles", &vllm_pfa::phase_cycles,
         "prefill_attention's time-stamp-counter cycles per phase since the previous call, (name, cycles) pairs summed "
         "over threads (call_thread_cycles: the calls' wall time times the threads), then counting switched on or off",

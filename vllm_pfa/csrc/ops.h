@@ -24,6 +24,15 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const std::vector<int64_t>& lo_offsets, const std::vector<int64_t>& hi_offsets, double scale,
                        const std::string& products, const std::vector<int64_t>& out_starts);
 
+// The operator's result on the native kernel (operator_call.cpp): query/key/value in `layout` (BSH, BSND, BNSD,
+// BNSD_BSND; validated by the caller), the output in the layout's output form, rows past q_lens[b] zero; outputs of
+// fresh_pages_from_bytes and more on padded_output's pages.
+at::Tensor run_operator(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                        const std::string& layout, int64_t num_heads, int64_t num_kv_heads,
+                        const std::vector<int64_t>& q_lens, const std::vector<int64_t>& kv_lens,
+                        const std::vector<int64_t>& lo_offsets, const std::vector<int64_t>& hi_offsets, double scale,
+                        const std::string& products, int64_t fresh_pages_from_bytes);
+
 // The time-stamp-counter cycles each phase of prefill_attention took since the previous call (summed over threads;
 // phase_cycles.h names them, in its order), then counting switched on or off for the calls that follow.
 std::vector<std::pair<std::string, uint64_t>> phase_cycles(bool enable);

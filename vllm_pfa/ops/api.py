@@ -18,10 +18,9 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from vllm_pfa.ops import fast_path
 from vllm_pfa.ops.reference import reference_prompt_flash_attention
-from vllm_pfa.ops.validation import PFAProblem, lengths_list, validate
+from vllm_pfa.ops.validation import QUANT_ARGUMENTS, PFAProblem, lengths_list, validate, validate_plain_call
 
 OP_NAME = "vllm_pfa::npu_prompt_flash_attention"
-QUANT_ARGUMENTS = ("deq_scale1", "quant_scale1", "deq_scale2", "quant_scale2", "quant_offset2")
 DEFAULT_PRE_TOKENS = 2147483647  # torch_npu registers this; the spec's prototype line (2147473647) is a typo
 
 # numpy, optional beside torch, named as a forward reference: where it is not installed no array is passed
@@ -76,7 +75,8 @@ def npu_prompt_flash_attention(
     if not on_npu:
         # Checked before the dispatcher: it refuses ill-typed arguments with a less precise message, and converts
         # some that are refused here (bools for ints; validation.py, "the argument forms").
-        problem = validate(query, key, value, **kwargs)
+        problem = validate(query, key, value, **kwargs) if torch.compiler.is_compiling() else \
+            validate_plain_call(query, key, value, kwargs)
     # torch_npu and the op's schema take int lists; torch_npu checks its own arguments' devices.
     for name in ("actual_seq_lengths", "actual_seq_lengths_kv"):
         kwargs[name] = lengths_list(name, kwargs[name], None if on_npu else query.device)

@@ -13,13 +13,12 @@ Rows with no key, and rows past aq, are 0, as in PFA. Masks of modes 0/1 and pse
 """
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
 
 from vllm_pfa.log import init_logger
-from vllm_pfa.ops.layout import from_bnsd, rows_at_unit_stride, to_bnsd
+from vllm_pfa.ops.layout import rows_at_unit_stride, to_bnsd
 from vllm_pfa.ops.masks import band_offsets
 from vllm_pfa.ops.validation import FLOAT_DTYPES, PFAProblem, validate
 
@@ -66,26 +65,13 @@ def plan(problem: PFAProblem, dtype: torch.dtype, *, has_pse: bool, has_mask: bo
 
 def run(query, key, value, problem: PFAProblem, bands: list[tuple[int, int]], *,
         products: str = "auto") -> torch.Tensor:
-    """The op's result; `products` forces one way of multiplying (tests: "fp32", "input_dtype_emulated")."""
+    """The op's result; `products` forces one way of multiplying (tests: "fp32", "input_dtype_emulated"). The views,
+    the output and the kernel in one native call (`_C.run_operator`): as Python tensor calls they cost ~35 us of a
+    0.46 ms call where Python runs out of cache (between other kernels)."""
     p = problem
-    # The output is allocated in its final memory order, so `from_bnsd` below copies nothing.
-    sizes = [p.batch, p.num_heads, p.q_seq, p.head_dim] if p.layout == "BNSD" else \
-        [p.batch, p.q_seq, p.num_heads, p.head_dim]
-    fresh = math.prod(sizes) * query.element_size() >= FRESH_PAGES_OUTPUT_BYTES
-    out = extension().padded_output(sizes, query.dtype, 2 if p.layout == "BNSD" else 1, list(p.actual_q)) if fresh \
-        else torch.empty(sizes, dtype=query.dtype)
-    if p.layout != "BNSD":
-        out = out.transpose(1, 2)
-    if not fresh:  # a fresh mapping's rows past the lengths read as 0 already
-        for b, aq in enumerate(p.actual_q):
-            if aq < p.q_seq:
-                out[b, :, aq:] = 0
-    # The kernel reads rows of D elements at stride 1 (what to_bnsd gives a contiguous input); other strides are free.
-    q, k, v = (to_bnsd(t, p.layout, heads) for t, heads in
-               ((query, p.num_heads), (key, p.num_kv_heads), (value, p.num_kv_heads)))
-    extension().prefill_attention(q, k, v, out, list(p.actual_q), list(p.actual_kv),
-        [lo for lo, _ in bands], [hi for _, hi in bands], p.scale_value, products)
-    return from_bnsd(out, p.layout)
+    return extension().run_operator(query, key, value, p.layout, p.num_heads, p.num_kv_heads, list(p.actual_q),
+                                    list(p.actual_kv), [lo for lo, _ in bands], [hi for _, hi in bands],
+                                    p.scale_value, products, FRESH_PAGES_OUTPUT_BYTES)
 
 
 @dataclass(frozen=True)
