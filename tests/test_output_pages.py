@@ -1,11 +1,10 @@
 """The operator's large outputs on pages mapped for them (`native_kernel.FRESH_PAGES_OUTPUT_BYTES`,
 `_C.padded_output`): zeros until written, so rows past actual_seq_lengths need no fill and their pages are never
-touched; the rows the kernel writes faulted in before it starts, on huge pages where Linux grants them."""
+touched; the rows the kernel writes faulted in before it starts."""
 
 import ctypes
 import os
 import platform
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,25 +14,10 @@ from vllm_pfa.ops import compressed_causal_mask, native_kernel, npu_prompt_flash
 pytestmark = pytest.mark.skipif(not native_kernel.available(),
                                 reason="the native kernel needs an AVX-512 CPU and a built _C")
 
-THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 MIB = 1 << 20
 # padded_output faults the rows in with MADV_POPULATE_WRITE (Linux 5.14); older kernels leave them to the first write
 POPULATES = tuple(int(part) for part in platform.release().split(".")[:2] if part.isdigit()) >= (5, 14)
 needs_populate = pytest.mark.skipif(not POPULATES, reason=f"Linux {platform.release()} has no MADV_POPULATE_WRITE")
-
-
-def _huge_page_bytes(start: int, size: int) -> int:
-    """AnonHugePages (bytes) of this process's mappings that overlap [start, start + size): madvise splits the
-    tensor's mapping at the huge pages' bounds."""
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        first = line.split()[0]
-        if "-" in first and ":" not in first:  # a mapping's header: start-end perms ...
-            lo, hi = (int(x, 16) for x in first.split("-"))
-            inside = lo < start + size and start < hi
-        elif inside and first == "AnonHugePages:":
-            total += int(line.split()[1]) * 1024
-    return total
 
 
 def _resident_bytes(address: int, size: int) -> int:
@@ -61,18 +45,11 @@ def test_written_rows_are_resident_and_the_padding_untouched(seq_axis):
     out = _output([2048, 0, 0, 0], seq_axis)
     batch = out.nbytes // 4
     assert _resident_bytes(out.data_ptr(), batch) == batch
-    # a huge page faulted for batch 0's last rows may reach up to 2 MiB past them where the mapping is not aligned
+    # where Linux backs anonymous memory with huge pages anyway (THP "always"), one faulted for batch 0's last rows
+    # may reach up to 2 MiB past them
     assert _resident_bytes(out.data_ptr() + batch + 2 * MIB, 3 * batch - 2 * MIB) == 0
     assert out.is_contiguous() and out.dtype == torch.bfloat16 and out.nbytes == 64 * MIB
     assert not bool(out.any())
-
-
-@needs_populate
-@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(),
-                    reason="Linux's transparent huge pages are off or absent here")
-def test_written_rows_get_huge_pages():
-    out = _output([2048, 2048, 2048, 2048])
-    assert _huge_page_bytes(out.data_ptr(), out.nbytes) >= 32 * MIB
 
 
 @pytest.mark.parametrize("lengths, sizes, seq_axis", [

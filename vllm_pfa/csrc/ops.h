@@ -46,8 +46,8 @@ std::string products_for(const at::Tensor& query);
 std::string products_route(const at::Tensor& query, const std::string& products);
 
 // The operator's padded output: a new contiguous CPU tensor of sizes [B, S, N, D] (seq_axis 1) or [B, N, S, D]
-// (seq_axis 2) on memory mapped for it, which reads as zeros until written (rows past lengths[b] need no fill),
-// huge pages asked for, and the rows below lengths[b] faulted in before the kernel writes them (output_memory.cpp).
+// (seq_axis 2) on memory mapped for it, which reads as zeros until written (rows past lengths[b] need no fill), the
+// rows below lengths[b] faulted in before the kernel writes them (output_memory.cpp).
 at::Tensor padded_output(const std::vector<int64_t>& sizes, at::ScalarType dtype, int64_t seq_axis,
                          const std::vector<int64_t>& lengths);
 

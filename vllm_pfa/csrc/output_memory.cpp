@@ -6,9 +6,9 @@
 // padding needs no fill and its whole pages are never touched, and the rows the kernel will write are faulted in by
 // one MADV_POPULATE_WRITE per run of rows before it starts, not a fault at a time inside its loops. bf16 lengths
 // 2048/1000/517/130 padded to 2048 (64 MiB, 36 of it padding; Intel Xeon, 2 threads): 62 ms a call with the zeros
-// written on 4 KiB pages, 55 ms without them, 51 ms with the rows populated, 46 ms on huge pages (the kernel alone
-// writing vLLM's reused token rows: 42 ms).
-#include "huge_pages.h"
+// written, 55 ms without them, 51 ms with the rows populated (the kernel alone writing vLLM's reused token rows: 42).
+// 4 KiB pages: huge pages were 5 ms faster in the median but, in a VM that hands freed memory back to its host, one
+// call in tens took 0.2-0.5 s faulting them in again (benchmarks/kernel_performance.md, thirty-second session).
 #include "ops.h"
 
 #include <ATen/EmptyTensor.h>
@@ -39,8 +39,8 @@ void unmap(void* context) {
   delete mapping;
 }
 
-// Private anonymous mappings, one per storage, with huge pages asked for; a storage it backs may be resized (the new
-// mapping is then filled by PyTorch's copy, as any resize).
+// Private anonymous mappings, one per storage; a storage it backs may be resized (the new mapping is then filled by
+// PyTorch's copy, as any resize).
 class FreshPagesAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t bytes) override {
@@ -48,7 +48,6 @@ class FreshPagesAllocator final : public c10::Allocator {
     if (bytes == 0) return {nullptr, cpu};
     void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     TORCH_CHECK(base != MAP_FAILED, "vllm_pfa: out of memory mapping ", bytes, " bytes for an output");
-    advise_huge_pages(base, bytes);
     return {base, new Mapping{base, bytes}, &unmap, cpu};
   }
 

@@ -46,7 +46,6 @@
 // A/B.
 
 #include "amx_products.h"
-#include "huge_pages.h"
 #include "ops.h"
 #include "phase_cycles.h"
 #include "transpose.h"
@@ -57,6 +56,7 @@
 
 #include <cpuid.h>
 #include <immintrin.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
@@ -1026,6 +1026,16 @@ Buffer allocate(int64_t floats) {
   auto* ptr = static_cast<float*>(std::aligned_alloc(64, bytes));
   TORCH_CHECK(ptr != nullptr, "vllm_pfa native kernel: out of memory for ", bytes, " bytes of scratch");
   return Buffer(ptr);
+}
+
+constexpr size_t kHugePage = size_t(2) << 20;
+
+// Asks for huge pages behind the whole 2 MiB pages of [ptr, ptr + bytes) (advisory: ignored where unsupported).
+void advise_huge_pages(void* ptr, size_t bytes) {
+  const uintptr_t start = reinterpret_cast<uintptr_t>(ptr);
+  const uintptr_t first = (start + kHugePage - 1) / kHugePage * kHugePage;
+  const uintptr_t last = (start + bytes) / kHugePage * kHugePage;
+  if (first < last) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 }
 
 // The fp32 K/V copies, kept per calling thread between calls: a fresh multi-MB buffer each call costs a page
