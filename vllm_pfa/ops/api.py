@@ -75,8 +75,10 @@ def npu_prompt_flash_attention(
     if not on_npu:
         # Checked before the dispatcher: it refuses ill-typed arguments with a less precise message, and converts
         # some that are refused here (bools for ints; validation.py, "the argument forms").
-        problem = validate(query, key, value, **kwargs) if torch.compiler.is_compiling() else \
-            validate_plain_call(query, key, value, kwargs)
+        compiling = torch.compiler.is_compiling()
+        problem = validate(query, key, value, **kwargs) if compiling else validate_plain_call(query, key, value, kwargs)
+        if not compiling and _dispatcher_only_calls_the_implementation(query, key, value, kwargs):
+            return _compute(query, key, value, problem, kwargs)  # the lengths as the problem holds them
     # torch_npu and the op's schema take int lists; torch_npu checks its own arguments' devices.
     for name in ("actual_seq_lengths", "actual_seq_lengths_kv"):
         kwargs[name] = lengths_list(name, kwargs[name], None if on_npu else query.device)
@@ -85,8 +87,6 @@ def npu_prompt_flash_attention(
         return torch_npu.npu_prompt_flash_attention(query, key, value, **kwargs)
     if torch.compiler.is_compiling():  # the graph calls the op on its own at run time: nothing to hand over
         return torch.ops.vllm_pfa.npu_prompt_flash_attention(query, key, value, **kwargs)
-    if _dispatcher_only_calls_the_implementation(query, key, value, kwargs):
-        return _compute(query, key, value, problem, kwargs)
     _handoff.call = (query, key, value, kwargs, problem)
     try:
         return torch.ops.vllm_pfa.npu_prompt_flash_attention(query, key, value, **kwargs)
