@@ -26,7 +26,7 @@ logger = init_logger(__name__)
 
 # Outputs from this size are mapped for the call (`_C.padded_output`): memory that reads as zeros, so rows past
 # actual_seq_lengths need no fill and their whole pages are never touched, the rows the kernel writes faulted in
-# before it starts: bf16 lengths 2048/1000/517/130 padded to 2048, 64 MiB, 62 -> 51 ms a call (output_memory.cpp).
+# before it starts: bf16 lengths 2048/1000/517/130 padded to 2048, 64 MiB, 62 -> 48 ms a call (output_memory.cpp).
 # Under glibc, PyTorch's own allocation of this size is a fresh mapping too (above malloc's largest mmap threshold,
 # 32 MiB); smaller outputs come from reused heap memory, where writing the zeros costs less than new pages.
 FRESH_PAGES_OUTPUT_BYTES = 32 << 20
