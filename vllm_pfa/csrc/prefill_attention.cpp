@@ -603,8 +603,8 @@ __mmask16 softmax_rows_finite(float* scores, Weight<kFormat>* probs, __mmask16 r
   auto finite = [](__m512 x) { return _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_EQ_OQ); };
   const __m512 old_max = _mm512_maskz_loadu_ps(rows, row_max);
   const __m512 block_max = _mm512_mul_ps(reduce_each(vmax, MaxOp{}), scale);
-  __mmask16 done = rows & (kCheckWeights ? rows : finite(reduce_each(vsum, AddOp{}))) & finite(block_max) &
-                   _mm512_cmp_ps_mask(old_max, old_max, _CMP_ORD_Q);
+  __mmask16 done = rows & finite(block_max) & _mm512_cmp_ps_mask(old_max, old_max, _CMP_ORD_Q);
+  if constexpr (!kCheckWeights) done &= finite(reduce_each(vsum, AddOp{}));
   const __m512 new_max = _mm512_max_ps(old_max, block_max);  // old_max is -inf until a finite score is seen
   alignas(64) float shifts[16];
   _mm512_store_ps(shifts, new_max);
