@@ -38,6 +38,7 @@ at::Tensor run_operator(const at::Tensor& query, const at::Tensor& key, const at
               "run_operator: unknown layout ", layout);
   const at::Tensor q = to_bnsd(query, layout, num_heads);
   const int64_t batch = q.size(0), heads = q.size(1), seq = q.size(2), dim = q.size(3);
+  TORCH_CHECK(q_lens.size() == size_t(batch), "run_operator: one query length per batch");
   const bool bnsd_out = layout == "BNSD";
   const std::vector<int64_t> sizes = bnsd_out ? std::vector<int64_t>{batch, heads, seq, dim}
                                               : std::vector<int64_t>{batch, seq, heads, dim};
@@ -45,7 +46,6 @@ at::Tensor run_operator(const at::Tensor& query, const at::Tensor& key, const at
   at::Tensor out = fresh ? padded_output(sizes, query.scalar_type(), bnsd_out ? 2 : 1, q_lens)
                          : at::empty(sizes, query.options());
   at::Tensor out_bnsd = bnsd_out ? out : out.transpose(1, 2);
-  TORCH_CHECK(q_lens.size() == size_t(batch), "run_operator: one query length per batch");
   if (!fresh) {  // a fresh mapping's rows past the lengths read as 0 already
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t rows = std::clamp<int64_t>(q_lens[b], 0, seq);
