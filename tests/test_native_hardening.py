@@ -112,6 +112,24 @@ def test_prefill_attention_validates_every_tensor_before_reading(call, message):
     _expect_error(textwrap.dedent(PREFILL_SETUP) + call, message)
 
 
+RUN_OPERATOR_ARGS = "[8], [8], [-2**40], [0], 0.25, 'auto'"
+
+
+@pytest.mark.parametrize("call,message", [
+    (f"h = q.flatten(2)\n_C.run_operator(h, h, h, 'BSH', 0, 2, {RUN_OPERATOR_ARGS}, 0)", "head counts positive"),
+    (f"_C.run_operator(q[0], q, q, 'BSND', 2, 2, {RUN_OPERATOR_ARGS}, 0)", "must be 4-D"),
+    (f"_C.run_operator(q, q, q, 'BSH', 2, 2, {RUN_OPERATOR_ARGS}, 0)", "must be 3-D"),
+    (f"_C.run_operator(q, q, q, 'TND', 2, 2, {RUN_OPERATOR_ARGS}, 0)", "unknown layout"),
+    ("_C.run_operator(q, q, q, 'BNSD', 2, 2, [8, 8], [8], [0], [0], 0.25, 'auto', 0)", "one query length"),
+    ("_C.run_operator(q, q, q, 'BNSD', 2, 2, [8, 8], [8], [0], [0], 0.25, 'auto', 1 << 40)", "one query length"),
+    ("_C.padded_output([2, 3, 4], torch.float32, 1, [1, 1])", "padded_output"),
+    ("_C.padded_output([2, 3, 4, 5], torch.float32, 1, [1])", "padded_output"),
+    ("_C.padded_output([2, -3, 4, 5], torch.float32, 1, [1, 1])", "negative"),
+])
+def test_operator_entry_points_validate_before_touching_memory(call, message):
+    _expect_error(textwrap.dedent(PREFILL_SETUP) + call, message)
+
+
 def test_prefill_attention_unbounded_offsets_do_not_overflow():
     from vllm_pfa import _C
     q = torch.randn(1, 2, 8, 16)

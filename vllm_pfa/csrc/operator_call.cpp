@@ -36,6 +36,9 @@ at::Tensor run_operator(const at::Tensor& query, const at::Tensor& key, const at
                         const std::string& products, int64_t fresh_pages_from_bytes) {
   TORCH_CHECK(layout == "BSH" || layout == "BSND" || layout == "BNSD" || layout == "BNSD_BSND",
               "run_operator: unknown layout ", layout);
+  const int64_t dims = layout == "BSH" ? 3 : 4;
+  TORCH_CHECK(query.dim() == dims && key.dim() == dims && value.dim() == dims && num_heads > 0 && num_kv_heads > 0,
+              "run_operator: query, key and value must be ", dims, "-D for ", layout, " and the head counts positive");
   const at::Tensor q = to_bnsd(query, layout, num_heads);
   const int64_t batch = q.size(0), heads = q.size(1), seq = q.size(2), dim = q.size(3);
   TORCH_CHECK(q_lens.size() == size_t(batch), "run_operator: one query length per batch");
